@@ -1,0 +1,1 @@
+//! Settings (filled in by the walking skeleton).
