@@ -1,4 +1,4 @@
 //! The query engine: the wire AST, values with the client's ordering, and evaluation.
 
-pub mod value;
 pub mod schema;
+pub mod value;

@@ -126,7 +126,10 @@ mod tests {
     fn null_is_lowest_and_numbers_mix() {
         assert_eq!(Value::Null.compare(&Value::Int(-5)), Ordering::Less);
         assert_eq!(Value::Int(2).compare(&Value::Float(1.5)), Ordering::Greater);
-        assert_eq!(Value::Bool(false).compare(&Value::Bool(true)), Ordering::Less);
+        assert_eq!(
+            Value::Bool(false).compare(&Value::Bool(true)),
+            Ordering::Less
+        );
     }
 
     #[test]
