@@ -1,0 +1,347 @@
+//! Postgres types as the replica stores them and the client sees them
+//! (zero-protocol.md §4): numbers, strings, booleans, JSON, and times as epoch milliseconds.
+
+use crate::zql::schema::ColumnKind;
+use crate::zql::value::Value;
+
+/// Postgres type OIDs zcache treats specially (from `pg_type.dat`).
+pub mod oid {
+    pub const BOOL: u32 = 16;
+    pub const BYTEA: u32 = 17;
+    pub const INT8: u32 = 20;
+    pub const INT2: u32 = 21;
+    pub const INT4: u32 = 23;
+    pub const OID: u32 = 26;
+    pub const JSON: u32 = 114;
+    pub const FLOAT4: u32 = 700;
+    pub const FLOAT8: u32 = 701;
+    pub const DATE: u32 = 1082;
+    pub const TIMESTAMP: u32 = 1114;
+    pub const TIMESTAMPTZ: u32 = 1184;
+    pub const NUMERIC: u32 = 1700;
+    pub const JSONB: u32 = 3802;
+}
+
+/// How a column of a Postgres type is kept: `None` for types zero-cache does not sync.
+/// `is_array` comes from `pg_type.typcategory = 'A'`.
+pub fn column_kind(type_oid: u32, is_array: bool) -> Option<ColumnKind> {
+    use oid::*;
+    if is_array {
+        return Some(ColumnKind::Json);
+    }
+    Some(match type_oid {
+        BOOL => ColumnKind::Boolean,
+        INT2 | INT4 | INT8 | OID | FLOAT4 | FLOAT8 | NUMERIC | DATE | TIMESTAMP | TIMESTAMPTZ => {
+            ColumnKind::Number
+        }
+        JSON | JSONB => ColumnKind::Json,
+        BYTEA => return None,
+        // text, varchar, char, uuid, enums, inet, time, ...: their text form.
+        _ => ColumnKind::String,
+    })
+}
+
+/// The SQLite declared type that gives the right affinity.
+pub fn sqlite_decl(type_oid: u32, kind: ColumnKind) -> &'static str {
+    use oid::*;
+    match (kind, type_oid) {
+        (ColumnKind::Boolean, _) => "BOOLEAN",
+        (ColumnKind::Number, INT2 | INT4 | INT8 | OID) => "INTEGER",
+        (ColumnKind::Number, _) => "REAL",
+        (ColumnKind::Json, _) => "JSON",
+        _ => "TEXT",
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("cannot read {text:?} as Postgres type {type_oid}: {why}")]
+pub struct TypeError {
+    pub type_oid: u32,
+    pub text: String,
+    pub why: &'static str,
+}
+
+/// Converts a value in Postgres text output format to the replica's value.
+pub fn decode_text(type_oid: u32, kind: ColumnKind, text: &str) -> Result<Value, TypeError> {
+    use oid::*;
+    let err = |why| TypeError {
+        type_oid,
+        text: text.chars().take(64).collect(),
+        why,
+    };
+    Ok(match (kind, type_oid) {
+        (ColumnKind::Boolean, _) => match text {
+            "t" | "true" => Value::Bool(true),
+            "f" | "false" => Value::Bool(false),
+            _ => return Err(err("not a boolean")),
+        },
+        (ColumnKind::Number, INT2 | INT4 | INT8 | OID) => {
+            Value::Int(text.parse().map_err(|_| err("not an integer"))?)
+        }
+        (ColumnKind::Number, DATE) => Value::Float(parse_timestamp_ms(text).ok_or_else(|| err("not a date"))?),
+        (ColumnKind::Number, TIMESTAMP | TIMESTAMPTZ) => {
+            Value::Float(parse_timestamp_ms(text).ok_or_else(|| err("not a timestamp"))?)
+        }
+        (ColumnKind::Number, _) => match text {
+            "NaN" => Value::Float(f64::NAN),
+            "Infinity" => Value::Float(f64::INFINITY),
+            "-Infinity" => Value::Float(f64::NEG_INFINITY),
+            _ => Value::Float(text.parse().map_err(|_| err("not a number"))?),
+        },
+        (ColumnKind::Json, JSON | JSONB) => Value::Json(text.to_string()),
+        (ColumnKind::Json, _) => Value::Json(array_to_json(text).ok_or_else(|| err("not an array"))?),
+        _ => Value::Text(text.to_string()),
+    })
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146097 + doe - 719468
+}
+
+fn num(s: &str) -> Option<i64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Parses ISO `YYYY-MM-DD[ HH:MM:SS[.ffffff]][+HH[:MM[:SS]]]` (Postgres' output with
+/// DateStyle=ISO) to milliseconds since the epoch, UTC.
+pub fn parse_timestamp_ms(text: &str) -> Option<f64> {
+    match text {
+        "infinity" => return Some(f64::INFINITY),
+        "-infinity" => return Some(f64::NEG_INFINITY),
+        _ => {}
+    }
+    let (text, bc) = match text.strip_suffix(" BC") {
+        Some(t) => (t, true),
+        None => (text, false),
+    };
+    let (date, rest) = text.split_at(text.find([' ', 'T']).unwrap_or(text.len()));
+    let mut parts = date.splitn(3, '-');
+    let mut y = num(parts.next()?)?;
+    let m = num(parts.next()?)?;
+    let d = num(parts.next()?)?;
+    if bc {
+        y = 1 - y;
+    }
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    let mut ms = days_from_civil(y, m, d) as f64 * 86_400_000.0;
+    let rest = rest.trim_start_matches([' ', 'T']);
+    if rest.is_empty() {
+        return Some(ms);
+    }
+    // time, then an optional zone offset starting with + or -
+    let zone_at = rest.find(['+', '-']).unwrap_or(rest.len());
+    let (time, zone) = rest.split_at(zone_at);
+    let mut t = time.splitn(3, ':');
+    let hh = num(t.next()?)?;
+    let mi = num(t.next()?)?;
+    let sec: f64 = t.next().unwrap_or("0").parse().ok()?;
+    ms += (hh * 3_600_000 + mi * 60_000) as f64 + sec * 1000.0;
+    if !zone.is_empty() {
+        let sign = if zone.starts_with('-') { -1.0 } else { 1.0 };
+        let mut z = zone[1..].splitn(3, ':');
+        let zh = num(z.next()?)? as f64;
+        let zm = z.next().map(num).unwrap_or(Some(0))? as f64;
+        let zs = z.next().map(num).unwrap_or(Some(0))? as f64;
+        ms -= sign * (zh * 3_600_000.0 + zm * 60_000.0 + zs * 1000.0);
+    }
+    // Microsecond inputs give fractions of a millisecond; keep them as Postgres does.
+    Some((ms * 1000.0).round() / 1000.0)
+}
+
+/// Converts a Postgres array literal (`{1,2}`, `{"a b",NULL}`, nested) to JSON text.
+/// Elements are emitted as JSON strings unless they look numeric or boolean-free (numbers are
+/// unquoted, `NULL` becomes null).
+pub fn array_to_json(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    // Skip an optional dimension decoration like `[1:2]=`.
+    let start = if bytes.first() == Some(&b'[') {
+        text.find('=')? + 1
+    } else {
+        0
+    };
+    let mut out = String::with_capacity(text.len() + 8);
+    let mut pos = start;
+    parse_array(bytes, &mut pos, &mut out)?;
+    (pos == bytes.len()).then_some(out)
+}
+
+fn parse_array(b: &[u8], pos: &mut usize, out: &mut String) -> Option<()> {
+    if b.get(*pos) != Some(&b'{') {
+        return None;
+    }
+    *pos += 1;
+    out.push('[');
+    if b.get(*pos) == Some(&b'}') {
+        *pos += 1;
+        out.push(']');
+        return Some(());
+    }
+    loop {
+        match b.get(*pos)? {
+            b'{' => parse_array(b, pos, out)?,
+            b'"' => {
+                *pos += 1;
+                let mut s = Vec::new();
+                loop {
+                    match b.get(*pos)? {
+                        b'\\' => {
+                            s.push(*b.get(*pos + 1)?);
+                            *pos += 2;
+                        }
+                        b'"' => {
+                            *pos += 1;
+                            break;
+                        }
+                        &c => {
+                            s.push(c);
+                            *pos += 1;
+                        }
+                    }
+                }
+                crate::zql::value::write_json_string(std::str::from_utf8(&s).ok()?, out);
+            }
+            _ => {
+                let begin = *pos;
+                while !matches!(b.get(*pos)?, b',' | b'}') {
+                    *pos += 1;
+                }
+                let raw = std::str::from_utf8(&b[begin..*pos]).ok()?;
+                if raw == "NULL" {
+                    out.push_str("null");
+                } else if raw.parse::<f64>().is_ok() && raw.bytes().all(|c| c.is_ascii_digit() || b"+-.eE".contains(&c)) {
+                    out.push_str(raw);
+                } else if raw == "t" || raw == "f" {
+                    out.push_str(if raw == "t" { "true" } else { "false" });
+                } else {
+                    crate::zql::value::write_json_string(raw, out);
+                }
+            }
+        }
+        match b.get(*pos)? {
+            b',' => {
+                out.push(',');
+                *pos += 1;
+            }
+            b'}' => {
+                *pos += 1;
+                out.push(']');
+                return Some(());
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// Splits one line of text-format COPY output into its fields, undoing COPY's escapes.
+/// `None` marks SQL NULL (`\N`).
+pub fn split_copy_line(line: &[u8]) -> Result<Vec<Option<String>>, &'static str> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let mut fields = Vec::new();
+    for raw in line.split(|&b| b == b'\t') {
+        if raw == b"\\N" {
+            fields.push(None);
+            continue;
+        }
+        let mut out = Vec::with_capacity(raw.len());
+        let mut i = 0;
+        while i < raw.len() {
+            if raw[i] != b'\\' {
+                out.push(raw[i]);
+                i += 1;
+                continue;
+            }
+            let c = *raw.get(i + 1).ok_or("dangling backslash in COPY data")?;
+            i += 2;
+            match c {
+                b'n' => out.push(b'\n'),
+                b't' => out.push(b'\t'),
+                b'r' => out.push(b'\r'),
+                b'b' => out.push(8),
+                b'f' => out.push(12),
+                b'v' => out.push(11),
+                b'0'..=b'7' => {
+                    let mut v = (c - b'0') as u32;
+                    let mut n = 1;
+                    while n < 3 && i < raw.len() && (b'0'..=b'7').contains(&raw[i]) {
+                        v = v * 8 + (raw[i] - b'0') as u32;
+                        i += 1;
+                        n += 1;
+                    }
+                    out.push(v as u8);
+                }
+                b'x' => {
+                    let mut v = 0u32;
+                    let mut n = 0;
+                    while n < 2 && i < raw.len() && raw[i].is_ascii_hexdigit() {
+                        v = v * 16 + (raw[i] as char).to_digit(16).unwrap_or(0);
+                        i += 1;
+                        n += 1;
+                    }
+                    out.push(v as u8);
+                }
+                other => out.push(other),
+            }
+        }
+        fields.push(Some(String::from_utf8(out).map_err(|_| "COPY data is not UTF-8")?));
+    }
+    Ok(fields)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_to_epoch_ms() {
+        assert_eq!(parse_timestamp_ms("1970-01-01"), Some(0.0));
+        assert_eq!(parse_timestamp_ms("2023-11-14 22:13:20"), Some(1_700_000_000_000.0));
+        assert_eq!(parse_timestamp_ms("2023-11-14 23:13:20+01"), Some(1_700_000_000_000.0));
+        assert_eq!(parse_timestamp_ms("2023-11-14 22:13:20.123456+00"), Some(1_700_000_000_123.456));
+        assert_eq!(parse_timestamp_ms("1969-12-31 23:59:59-00:30"), Some(1_799_000.0));
+        assert_eq!(parse_timestamp_ms("garbage"), None);
+    }
+
+    #[test]
+    fn arrays_to_json() {
+        assert_eq!(array_to_json("{}").as_deref(), Some("[]"));
+        assert_eq!(array_to_json("{1,2,3}").as_deref(), Some("[1,2,3]"));
+        assert_eq!(array_to_json(r#"{"a b",NULL,c,"q\"x"}"#).as_deref(), Some(r#"["a b",null,"c","q\"x"]"#));
+        assert_eq!(array_to_json("{{1,2},{3,4}}").as_deref(), Some("[[1,2],[3,4]]"));
+        assert_eq!(array_to_json("{1,2"), None);
+    }
+
+    #[test]
+    fn copy_lines() {
+        let f = split_copy_line(b"i1\ta\\tb\\\\c\t\\N\t\\101\n").expect("valid");
+        assert_eq!(f, vec![Some("i1".into()), Some("a\tb\\c".into()), None, Some("A".into())]);
+    }
+
+    #[test]
+    fn decodes_by_type() {
+        assert_eq!(decode_text(oid::INT8, ColumnKind::Number, "42"), Ok(Value::Int(42)));
+        assert_eq!(decode_text(oid::BOOL, ColumnKind::Boolean, "t"), Ok(Value::Bool(true)));
+        assert_eq!(decode_text(oid::NUMERIC, ColumnKind::Number, "1.5"), Ok(Value::Float(1.5)));
+        assert!(decode_text(oid::INT4, ColumnKind::Number, "x").is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoders_never_panic(s: String, b: Vec<u8>) {
+            let _ = parse_timestamp_ms(&s);
+            let _ = array_to_json(&s);
+            let _ = split_copy_line(&b);
+        }
+    }
+}
