@@ -56,9 +56,7 @@ pub enum TransformResult {
 }
 
 impl AppServerClient {
-    pub fn new(
-        cfg: &crate::config::Config,
-    ) -> Self {
+    pub fn new(cfg: &crate::config::Config) -> Self {
         let agent = ureq::AgentBuilder::new()
             .timeout(Duration::from_millis(REQUEST_TIMEOUT_MS))
             .build();
@@ -82,10 +80,20 @@ impl AppServerClient {
         let enc = |s: &str| {
             percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
         };
-        format!("{base}{sep}schema={}&appID={}", enc(&self.shard_schema), enc(&self.app_id))
+        format!(
+            "{base}{sep}schema={}&appID={}",
+            enc(&self.shard_schema),
+            enc(&self.app_id)
+        )
     }
 
-    fn post(&self, base: &str, api_key: Option<&str>, token: Option<&str>, body: &str) -> Result<Json, AppServerError> {
+    fn post(
+        &self,
+        base: &str,
+        api_key: Option<&str>,
+        token: Option<&str>,
+        body: &str,
+    ) -> Result<Json, AppServerError> {
         let url = self.url_with_params(base);
         let mut last_err = None;
         for attempt in 0..ATTEMPTS_MAX {
@@ -93,7 +101,10 @@ impl AppServerClient {
                 // zero-cache's backoff: min(1 s, 100 ms * 2^(n-1))
                 std::thread::sleep(Duration::from_millis((100u64 << (attempt - 1)).min(1000)));
             }
-            let mut req = self.agent.post(&url).set("Content-Type", "application/json");
+            let mut req = self
+                .agent
+                .post(&url)
+                .set("Content-Type", "application/json");
             if let Some(t) = token {
                 req = req.set("Authorization", &format!("Bearer {t}"));
             }
@@ -125,7 +136,11 @@ impl AppServerClient {
     }
 
     /// POSTs `['transform', [{id, name, args}]]` to the query URL.
-    pub fn transform(&self, token: Option<&str>, queries: &[QueryRequest]) -> Result<Vec<TransformResult>, AppServerError> {
+    pub fn transform(
+        &self,
+        token: Option<&str>,
+        queries: &[QueryRequest],
+    ) -> Result<Vec<TransformResult>, AppServerError> {
         let base = self
             .query_url
             .as_deref()
@@ -170,13 +185,19 @@ fn read_json(resp: ureq::Response) -> Result<Json, AppServerError> {
 /// A `TransformFailed` body becomes an error carrying that body.
 pub fn parse_transform_response(resp: Json) -> Result<Vec<TransformResult>, AppServerError> {
     let queries = match &resp {
-        Json::Object(o) if o.get("kind").and_then(Json::as_str) == Some("QueryResponse") => o.get("queries"),
+        Json::Object(o) if o.get("kind").and_then(Json::as_str) == Some("QueryResponse") => {
+            o.get("queries")
+        }
         Json::Object(o) if o.get("kind").and_then(Json::as_str) == Some("TransformFailed") => {
-            return Err(AppServerError::BadResponse(format!("TransformFailed: {resp}")));
+            return Err(AppServerError::BadResponse(format!(
+                "TransformFailed: {resp}"
+            )));
         }
         Json::Array(a) if a.first().and_then(Json::as_str) == Some("transformed") => a.get(1),
         Json::Array(a) if a.first().and_then(Json::as_str) == Some("transformFailed") => {
-            return Err(AppServerError::BadResponse(format!("TransformFailed: {resp}")));
+            return Err(AppServerError::BadResponse(format!(
+                "TransformFailed: {resp}"
+            )));
         }
         _ => None,
     };
@@ -188,11 +209,19 @@ pub fn parse_transform_response(resp: Json) -> Result<Vec<TransformResult>, AppS
             let id = q
                 .get("id")
                 .and_then(Json::as_str)
-                .ok_or_else(|| AppServerError::BadResponse(format!("query result without id: {q}")))?
+                .ok_or_else(|| {
+                    AppServerError::BadResponse(format!("query result without id: {q}"))
+                })?
                 .to_string();
             Ok(match (q.get("ast"), q.get("error")) {
-                (Some(ast), None) => TransformResult::Ast { id, ast: ast.clone() },
-                _ => TransformResult::Error { id, error: q.clone() },
+                (Some(ast), None) => TransformResult::Ast {
+                    id,
+                    ast: ast.clone(),
+                },
+                _ => TransformResult::Error {
+                    id,
+                    error: q.clone(),
+                },
             })
         })
         .collect()
@@ -208,13 +237,20 @@ mod tests {
             {"id":"3msxbh36m86u6","name":"issuesByStatus","ast":{"table":"issue"}},
             {"error":"app","id":"q2","name":"x","message":"nope"}],"userID":"u1"});
         let r = parse_transform_response(resp).expect("valid");
-        assert_eq!(r[0], TransformResult::Ast { id: "3msxbh36m86u6".into(), ast: serde_json::json!({"table":"issue"}) });
+        assert_eq!(
+            r[0],
+            TransformResult::Ast {
+                id: "3msxbh36m86u6".into(),
+                ast: serde_json::json!({"table":"issue"})
+            }
+        );
         assert!(matches!(&r[1], TransformResult::Error { id, .. } if id == "q2"));
     }
 
     #[test]
     fn legacy_and_failed_forms() {
-        let legacy = serde_json::json!(["transformed", [{"id":"a","name":"n","ast":{"table":"t"}}]]);
+        let legacy =
+            serde_json::json!(["transformed", [{"id":"a","name":"n","ast":{"table":"t"}}]]);
         assert_eq!(parse_transform_response(legacy).expect("legacy").len(), 1);
         let failed = serde_json::json!({"kind":"TransformFailed","origin":"server","reason":"internal","message":"x","queryIDs":[]});
         assert!(parse_transform_response(failed).is_err());

@@ -78,7 +78,9 @@ pub fn decode_text(type_oid: u32, kind: ColumnKind, text: &str) -> Result<Value,
         (ColumnKind::Number, INT2 | INT4 | INT8 | OID) => {
             Value::Int(text.parse().map_err(|_| err("not an integer"))?)
         }
-        (ColumnKind::Number, DATE) => Value::Float(parse_timestamp_ms(text).ok_or_else(|| err("not a date"))?),
+        (ColumnKind::Number, DATE) => {
+            Value::Float(parse_timestamp_ms(text).ok_or_else(|| err("not a date"))?)
+        }
         (ColumnKind::Number, TIMESTAMP | TIMESTAMPTZ) => {
             Value::Float(parse_timestamp_ms(text).ok_or_else(|| err("not a timestamp"))?)
         }
@@ -89,7 +91,9 @@ pub fn decode_text(type_oid: u32, kind: ColumnKind, text: &str) -> Result<Value,
             _ => Value::Float(text.parse().map_err(|_| err("not a number"))?),
         },
         (ColumnKind::Json, JSON | JSONB) => Value::Json(text.to_string()),
-        (ColumnKind::Json, _) => Value::Json(array_to_json(text).ok_or_else(|| err("not an array"))?),
+        (ColumnKind::Json, _) => {
+            Value::Json(array_to_json(text).ok_or_else(|| err("not an array"))?)
+        }
         _ => Value::Text(text.to_string()),
     })
 }
@@ -220,7 +224,11 @@ fn parse_array(b: &[u8], pos: &mut usize, out: &mut String) -> Option<()> {
                 let raw = std::str::from_utf8(&b[begin..*pos]).ok()?;
                 if raw == "NULL" {
                     out.push_str("null");
-                } else if raw.parse::<f64>().is_ok() && raw.bytes().all(|c| c.is_ascii_digit() || b"+-.eE".contains(&c)) {
+                } else if raw.parse::<f64>().is_ok()
+                    && raw
+                        .bytes()
+                        .all(|c| c.is_ascii_digit() || b"+-.eE".contains(&c))
+                {
                     out.push_str(raw);
                 } else if raw == "t" || raw == "f" {
                     out.push_str(if raw == "t" { "true" } else { "false" });
@@ -294,7 +302,9 @@ pub fn split_copy_line(line: &[u8]) -> Result<Vec<Option<String>>, &'static str>
                 other => out.push(other),
             }
         }
-        fields.push(Some(String::from_utf8(out).map_err(|_| "COPY data is not UTF-8")?));
+        fields.push(Some(
+            String::from_utf8(out).map_err(|_| "COPY data is not UTF-8")?,
+        ));
     }
     Ok(fields)
 }
@@ -306,10 +316,22 @@ mod tests {
     #[test]
     fn timestamps_to_epoch_ms() {
         assert_eq!(parse_timestamp_ms("1970-01-01"), Some(0.0));
-        assert_eq!(parse_timestamp_ms("2023-11-14 22:13:20"), Some(1_700_000_000_000.0));
-        assert_eq!(parse_timestamp_ms("2023-11-14 23:13:20+01"), Some(1_700_000_000_000.0));
-        assert_eq!(parse_timestamp_ms("2023-11-14 22:13:20.123456+00"), Some(1_700_000_000_123.456));
-        assert_eq!(parse_timestamp_ms("1969-12-31 23:59:59-00:30"), Some(1_799_000.0));
+        assert_eq!(
+            parse_timestamp_ms("2023-11-14 22:13:20"),
+            Some(1_700_000_000_000.0)
+        );
+        assert_eq!(
+            parse_timestamp_ms("2023-11-14 23:13:20+01"),
+            Some(1_700_000_000_000.0)
+        );
+        assert_eq!(
+            parse_timestamp_ms("2023-11-14 22:13:20.123456+00"),
+            Some(1_700_000_000_123.456)
+        );
+        assert_eq!(
+            parse_timestamp_ms("1969-12-31 23:59:59-00:30"),
+            Some(1_799_000.0)
+        );
         assert_eq!(parse_timestamp_ms("garbage"), None);
     }
 
@@ -317,22 +339,45 @@ mod tests {
     fn arrays_to_json() {
         assert_eq!(array_to_json("{}").as_deref(), Some("[]"));
         assert_eq!(array_to_json("{1,2,3}").as_deref(), Some("[1,2,3]"));
-        assert_eq!(array_to_json(r#"{"a b",NULL,c,"q\"x"}"#).as_deref(), Some(r#"["a b",null,"c","q\"x"]"#));
-        assert_eq!(array_to_json("{{1,2},{3,4}}").as_deref(), Some("[[1,2],[3,4]]"));
+        assert_eq!(
+            array_to_json(r#"{"a b",NULL,c,"q\"x"}"#).as_deref(),
+            Some(r#"["a b",null,"c","q\"x"]"#)
+        );
+        assert_eq!(
+            array_to_json("{{1,2},{3,4}}").as_deref(),
+            Some("[[1,2],[3,4]]")
+        );
         assert_eq!(array_to_json("{1,2"), None);
     }
 
     #[test]
     fn copy_lines() {
         let f = split_copy_line(b"i1\ta\\tb\\\\c\t\\N\t\\101\n").expect("valid");
-        assert_eq!(f, vec![Some("i1".into()), Some("a\tb\\c".into()), None, Some("A".into())]);
+        assert_eq!(
+            f,
+            vec![
+                Some("i1".into()),
+                Some("a\tb\\c".into()),
+                None,
+                Some("A".into())
+            ]
+        );
     }
 
     #[test]
     fn decodes_by_type() {
-        assert_eq!(decode_text(oid::INT8, ColumnKind::Number, "42"), Ok(Value::Int(42)));
-        assert_eq!(decode_text(oid::BOOL, ColumnKind::Boolean, "t"), Ok(Value::Bool(true)));
-        assert_eq!(decode_text(oid::NUMERIC, ColumnKind::Number, "1.5"), Ok(Value::Float(1.5)));
+        assert_eq!(
+            decode_text(oid::INT8, ColumnKind::Number, "42"),
+            Ok(Value::Int(42))
+        );
+        assert_eq!(
+            decode_text(oid::BOOL, ColumnKind::Boolean, "t"),
+            Ok(Value::Bool(true))
+        );
+        assert_eq!(
+            decode_text(oid::NUMERIC, ColumnKind::Number, "1.5"),
+            Ok(Value::Float(1.5))
+        );
         assert!(decode_text(oid::INT4, ColumnKind::Number, "x").is_err());
     }
 

@@ -45,7 +45,11 @@ impl ReplicaReader {
         self.conn.execute_batch("BEGIN")?;
         let w: Option<String> = self
             .conn
-            .query_row("SELECT value FROM _zcache_meta WHERE key = 'watermark'", [], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM _zcache_meta WHERE key = 'watermark'",
+                [],
+                |r| r.get(0),
+            )
             .optional()?;
         w.unwrap_or_default()
             .parse()
@@ -81,7 +85,9 @@ impl ReplicaReader {
             sql.push_str(&format!("{} = ?{}", quote_ident(name), n + 1));
         }
         let mut stmt = self.conn.prepare_cached(&sql)?;
-        let mut rows = stmt.query(rusqlite::params_from_iter(eq.iter().map(|(_, v)| to_sql(v))))?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(
+            eq.iter().map(|(_, v)| to_sql(v)),
+        ))?;
         let mut out = Vec::new();
         while let Some(r) = rows.next()? {
             let mut row = Vec::with_capacity(spec.columns.len());
@@ -100,7 +106,9 @@ fn from_sql(kind: ColumnKind, v: ValueRef<'_>) -> Value {
         (ColumnKind::Boolean, ValueRef::Integer(i)) => Value::Bool(i != 0),
         (_, ValueRef::Integer(i)) => Value::Int(i),
         (_, ValueRef::Real(f)) => Value::Float(f),
-        (ColumnKind::Json, ValueRef::Text(t)) => Value::Json(String::from_utf8_lossy(t).into_owned()),
+        (ColumnKind::Json, ValueRef::Text(t)) => {
+            Value::Json(String::from_utf8_lossy(t).into_owned())
+        }
         (_, ValueRef::Text(t)) => Value::Text(String::from_utf8_lossy(t).into_owned()),
         (_, ValueRef::Blob(b)) => Value::Text(String::from_utf8_lossy(b).into_owned()),
     }
@@ -117,7 +125,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("r.db");
         let mut w = Replica::open(&path).expect("open");
-        let col = |name: &str, kind, oid| ColumnSpec { name: name.into(), kind, pg_type_oid: oid };
+        let col = |name: &str, kind, oid| ColumnSpec {
+            name: name.into(),
+            kind,
+            pg_type_oid: oid,
+        };
         let spec = TableSpec {
             name: "t".into(),
             columns: vec![
@@ -130,17 +142,37 @@ mod tests {
         };
         w.create_table(&spec).expect("create");
         w.begin().expect("begin");
-        let row = vec![Value::Text("x".into()), Value::Bool(true), Value::Json("[1]".into()), Value::Float(2.5)];
+        let row = vec![
+            Value::Text("x".into()),
+            Value::Bool(true),
+            Value::Json("[1]".into()),
+            Value::Float(2.5),
+        ];
         w.upsert("t", &row).expect("upsert");
-        w.upsert("t", &vec![Value::Text("y".into()), Value::Null, Value::Null, Value::Int(3)])
-            .expect("upsert");
+        w.upsert(
+            "t",
+            &vec![
+                Value::Text("y".into()),
+                Value::Null,
+                Value::Null,
+                Value::Int(3),
+            ],
+        )
+        .expect("upsert");
         w.commit(9).expect("commit");
 
         let r = ReplicaReader::open(&path).expect("reader");
         assert_eq!(r.begin_snapshot().expect("snapshot"), 9);
-        assert_eq!(r.fetch_rows("t", &[(0, Value::Text("x".into()))]).expect("fetch"), vec![row]);
+        assert_eq!(
+            r.fetch_rows("t", &[(0, Value::Text("x".into()))])
+                .expect("fetch"),
+            vec![row]
+        );
         assert_eq!(r.fetch_rows("t", &[]).expect("all").len(), 2);
-        assert!(r.fetch_rows("t", &[(1, Value::Null)]).expect("null").is_empty());
+        assert!(r
+            .fetch_rows("t", &[(1, Value::Null)])
+            .expect("null")
+            .is_empty());
         r.end_snapshot().expect("end");
     }
 }

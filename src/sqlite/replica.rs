@@ -34,7 +34,9 @@ pub fn open_connection(path: &Path, read_only: bool) -> Result<Connection, rusql
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
     let conn = Connection::open_with_flags(path, flags)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
@@ -60,7 +62,11 @@ impl Replica {
     pub fn meta(&self, key: &str) -> Result<Option<String>, ReplicaError> {
         Ok(self
             .conn
-            .query_row("SELECT value FROM _zcache_meta WHERE key = ?1", [key], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM _zcache_meta WHERE key = ?1",
+                [key],
+                |r| r.get(0),
+            )
             .optional()?)
     }
 
@@ -188,7 +194,11 @@ impl Replica {
             .enumerate()
             .map(|(n, &i)| format!("{} = ?{}", quote_ident(&spec.columns[i].name), n + 1))
             .collect();
-        let sql = format!("DELETE FROM {} WHERE {}", quote_ident(table), conds.join(" AND "));
+        let sql = format!(
+            "DELETE FROM {} WHERE {}",
+            quote_ident(table),
+            conds.join(" AND ")
+        );
         let mut stmt = self.conn.prepare_cached(&sql)?;
         stmt.execute(rusqlite::params_from_iter(key.iter().map(to_sql)))?;
         Ok(())
@@ -313,11 +323,18 @@ mod tests {
             let mut r = Replica::open(&path).expect("open");
             r.create_table(&issue_spec()).expect("create");
             r.begin().expect("begin");
-            r.upsert("issue", &vec![Value::Text("a".into()), Value::Int(1), Value::Bool(true)])
-                .expect("upsert");
-            r.upsert("issue", &vec![Value::Text("b".into()), Value::Int(2), Value::Bool(false)])
-                .expect("upsert");
-            r.delete("issue", &[Value::Text("a".into())]).expect("delete");
+            r.upsert(
+                "issue",
+                &vec![Value::Text("a".into()), Value::Int(1), Value::Bool(true)],
+            )
+            .expect("upsert");
+            r.upsert(
+                "issue",
+                &vec![Value::Text("b".into()), Value::Int(2), Value::Bool(false)],
+            )
+            .expect("upsert");
+            r.delete("issue", &[Value::Text("a".into())])
+                .expect("delete");
             r.commit(77).expect("commit");
             // an uncommitted transaction is lost, watermark included
             r.begin().expect("begin");
@@ -329,9 +346,14 @@ mod tests {
         assert_eq!(r.spec("issue").expect("spec"), &issue_spec());
         let n: i64 = r
             .conn
-            .query_row("SELECT count(*) FROM issue WHERE id = 'b'", [], |x| x.get(0))
+            .query_row("SELECT count(*) FROM issue WHERE id = 'b'", [], |x| {
+                x.get(0)
+            })
             .expect("count");
         assert_eq!(n, 1);
-        assert!(matches!(r.upsert("nope", &vec![]), Err(ReplicaError::UnknownTable(_))));
+        assert!(matches!(
+            r.upsert("nope", &vec![]),
+            Err(ReplicaError::UnknownTable(_))
+        ));
     }
 }

@@ -50,19 +50,19 @@ export function watchView(view, label, context = () => '') {
       return latest;
     },
     waitFor(pred, what, ms = 30_000) {
+      let waiter = null;
       const hit = new Promise(resolve => {
         if (test(pred)) return resolve(latest);
-        const w = () => {
+        waiter = () => {
           if (test(pred)) {
-            waiters.delete(w);
+            waiters.delete(waiter);
             resolve(latest);
           }
         };
-        waiters.add(w);
-        hit.cancel = () => waiters.delete(w);
+        waiters.add(waiter);
       });
       return withTimeout(hit, ms, `${label}: ${what}`, () => {
-        hit.cancel?.();
+        waiters.delete(waiter);
         return [summarize(latest), context()].filter(Boolean).join('\n');
       });
     },
