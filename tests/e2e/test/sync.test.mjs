@@ -22,7 +22,8 @@ let pg, sql, app, server;
 const clients = [];
 
 function log(msg) {
-  console.log(`# [e2e ${process.env.E2E_SERVER || 'zcache'}] ${msg}`);
+  const at = (performance.now() / 1000).toFixed(1);
+  console.log(`[e2e ${process.env.E2E_SERVER || 'zcache'} +${at}s] ${msg}`);
 }
 
 // extra lines for timeout messages: what the server and the app server said last
@@ -34,8 +35,13 @@ function diag() {
   return lines.join('\n');
 }
 
+// Each client gets its own storageKey: with kvStore 'mem' the store (and so the client group) is
+// shared by every Zero of the same user in one process otherwise.
 function newClient() {
-  const z = new Zero({server: server.url, schema, mutators, userID: 'u1', auth: 'u1', kvStore: 'mem', logLevel: 'error'});
+  const z = new Zero({
+    server: server.url, schema, mutators, userID: 'u1', auth: 'u1', kvStore: 'mem', logLevel: 'error',
+    storageKey: `client-${clients.length + 1}`,
+  });
   clients.push(z);
   return z;
 }
@@ -102,12 +108,16 @@ after(async () => {
     ['stop PostgreSQL', () => pg?.stop()],
   ];
   for (const [name, step] of steps) {
+    const t = performance.now();
     try {
       await withTimeout(Promise.resolve(step()), 30_000, name);
+      log(`teardown: ${name} took ${(performance.now() - t).toFixed(0)} ms`);
     } catch (e) {
       console.error(`teardown: ${name} failed: ${e.message}`);
     }
   }
+  log('active: ' + JSON.stringify(process.getActiveResourcesInfo()));
+  setTimeout(() => log('active later: ' + JSON.stringify(process.getActiveResourcesInfo())), 3000).unref();
 });
 
 let z1, v1;

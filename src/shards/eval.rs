@@ -1,0 +1,250 @@
+//! From desired queries to CVR rows: named queries transformed by the app server, ASTs
+//! evaluated against the shard's replica snapshot, and the internal queries that carry
+//! lastMutationIDs and mutation results.
+//!
+//! Evaluation is from scratch each time a query's tables change, diffed against the CVR;
+//! the incremental engine (issue 4) will replace `evaluate_into` behind the same interface.
+
+use super::Shard;
+use crate::appserver::{AppServerError, QueryRequest, TransformResult};
+use crate::cvr::{Cvr, QueryRows, QuerySpec};
+use crate::protocol::cookie::Version;
+use crate::protocol::{ErrorKind, ProtocolError};
+use crate::sqlite::ReplicaReader;
+use crate::zql::ast::{parse_ast, Ast, Condition};
+use crate::zql::eval::evaluate;
+use crate::zql::value::Value;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::rc::Rc;
+
+/// The executable form of a group's queries.
+#[derive(Default)]
+pub struct GroupQueries {
+    asts: HashMap<String, Rc<Ast>>,
+    tables: HashMap<String, BTreeSet<String>>,
+    names: HashMap<String, String>,
+    /// Queries whose AST failed to run: not retried until the client asks again.
+    failed: std::collections::HashSet<String>,
+}
+
+/// Every table an AST reads: its own, its related subqueries' and its EXISTS subqueries'.
+pub fn ast_tables(ast: &Ast, out: &mut BTreeSet<String>) {
+    out.insert(ast.table.clone());
+    for r in ast.related.iter().flatten() {
+        ast_tables(&r.subquery, out);
+    }
+    if let Some(c) = &ast.where_ {
+        condition_tables(c, out);
+    }
+}
+
+fn condition_tables(c: &Condition, out: &mut BTreeSet<String>) {
+    match c {
+        Condition::Simple(_) => {}
+        Condition::And { conditions } | Condition::Or { conditions } => {
+            conditions.iter().for_each(|c| condition_tables(c, out))
+        }
+        Condition::CorrelatedSubquery(s) => ast_tables(&s.related.subquery, out),
+    }
+}
+
+impl GroupQueries {
+    /// Desired queries that have no executable AST yet: named ones to send to the app
+    /// server. Legacy AST queries are parsed on the spot.
+    pub fn needing_transform(&mut self, cvr: &Cvr) -> Vec<QueryRequest> {
+        let mut out = Vec::new();
+        for (hash, q) in &cvr.queries {
+            if self.asts.contains_key(hash) || q.got.is_some() || self.failed.contains(hash) {
+                continue;
+            }
+            match &q.spec {
+                QuerySpec::Named { name, args } => {
+                    self.names.insert(hash.clone(), name.clone());
+                    out.push(QueryRequest {
+                        id: hash.clone(),
+                        name: name.clone(),
+                        args: args.clone(),
+                    });
+                }
+                QuerySpec::Ast(json) => {
+                    if let Ok(ast) = parse_ast(json) {
+                        self.insert(hash, ast);
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    fn insert(&mut self, hash: &str, ast: Ast) {
+        let mut tables = BTreeSet::new();
+        ast_tables(&ast, &mut tables);
+        self.tables.insert(hash.to_string(), tables);
+        self.asts.insert(hash.to_string(), Rc::new(ast));
+    }
+
+    /// Takes the app server's answers; returns the per-query errors as the JSON array the
+    /// client expects in `transformError` ("" when there are none).
+    pub fn absorb(&mut self, results: Vec<TransformResult>) -> Result<String, ProtocolError> {
+        let mut errors = Vec::new();
+        for r in results {
+            match r {
+                TransformResult::Ast { id, ast } => match parse_ast(&ast) {
+                    Ok(ast) => self.insert(&id, ast),
+                    Err(e) => errors.push(serde_json::json!({
+                        "error": "parse", "id": id, "name": self.names.get(&id),
+                        "message": format!("the app server returned an invalid AST: {e}"),
+                    })),
+                },
+                TransformResult::Error { error, .. } => errors.push(error),
+            }
+        }
+        Ok(if errors.is_empty() {
+            String::new()
+        } else {
+            serde_json::Value::Array(errors).to_string()
+        })
+    }
+
+    pub fn mark_failed(&mut self, hash: &str) {
+        self.failed.insert(hash.to_string());
+    }
+
+    /// The client asked for the query again: give it another chance.
+    pub fn retry(&mut self, hash: &str) {
+        self.failed.remove(hash);
+    }
+
+    pub fn forget(&mut self, hash: &str) {
+        self.asts.remove(hash);
+        self.tables.remove(hash);
+        self.names.remove(hash);
+    }
+
+    /// Desired queries with an AST that are not got yet.
+    pub fn ungot_with_ast(&self, cvr: &Cvr) -> Vec<String> {
+        let mut out: Vec<String> = cvr
+            .queries
+            .iter()
+            .filter(|(h, q)| q.got.is_none() && self.asts.contains_key(*h))
+            .map(|(h, _)| h.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Got queries that read any of `tables`.
+    pub fn affected_by(&self, cvr: &Cvr, tables: &BTreeSet<String>) -> Vec<String> {
+        let mut out: Vec<String> = cvr
+            .queries
+            .iter()
+            .filter(|(h, q)| {
+                q.got.is_some() && self.tables.get(*h).is_some_and(|t| !t.is_disjoint(tables))
+            })
+            .map(|(h, _)| h.clone())
+            .collect();
+        out.sort();
+        out
+    }
+
+    pub fn name_of(&self, hash: &str) -> Option<&str> {
+        self.names.get(hash).map(String::as_str)
+    }
+}
+
+/// Asks the app server for the ASTs of named queries (on the blocking pool: the shard keeps
+/// serving while it waits).
+pub async fn transform(shard: &Shard, token: Option<String>, queries: Vec<QueryRequest>) -> Result<Vec<TransformResult>, ProtocolError> {
+    let app = shard.app.clone();
+    let ids: Vec<String> = queries.iter().map(|q| q.id.clone()).collect();
+    let result = glommio::executor()
+        .spawn_blocking(move || app.transform(token.as_deref(), &queries))
+        .await;
+    result.map_err(|e| transform_failed(&e, &ids))
+}
+
+fn transform_failed(e: &AppServerError, ids: &[String]) -> ProtocolError {
+    let (kind, reason, status) = match e {
+        AppServerError::Unauthorized(code, _) => (ErrorKind::TransformFailed, "http", Some(*code)),
+        AppServerError::Http(code, _) => (ErrorKind::TransformFailed, "http", Some(*code)),
+        AppServerError::BadResponse(_) => (ErrorKind::TransformFailed, "parse", None),
+        _ => (ErrorKind::TransformFailed, "internal", None),
+    };
+    let mut extra = serde_json::json!({"origin": "zeroCache", "reason": reason, "queryIDs": ids});
+    if let Some(s) = status {
+        extra["status"] = s.into();
+    }
+    let extra = extra.to_string();
+    ProtocolError {
+        kind,
+        message: format!("Failed to transform queries: {e}"),
+        extra_json: Some(extra[1..extra.len() - 1].to_string()),
+    }
+}
+
+/// Evaluates one query against the open snapshot and stores its rows in the CVR.
+pub fn evaluate_into(reader: &ReplicaReader, queries: &GroupQueries, cvr: &mut Cvr, hash: &str, at: Version) -> Result<bool, crate::zql::error::ZqlError> {
+    let Some(ast) = queries.asts.get(hash) else {
+        return Ok(false);
+    };
+    let evaluation = evaluate(ast, reader)?;
+    let mut rows: QueryRows = HashMap::with_capacity(evaluation.rows.len());
+    for ((table, key), (row, _count)) in evaluation.rows {
+        let spec = reader
+            .table_spec(&table)
+            .ok_or_else(|| crate::zql::error::ZqlError::UnknownTable(table.clone()))?;
+        rows.insert((table, key), (spec, row));
+    }
+    Ok(cvr.set_query_rows(hash, rows, at))
+}
+
+/// The internal queries: `{shard}.clients` rows of the group become lastMutationIDChanges,
+/// `{shard}.mutations` rows become mutationsPatch.
+pub fn refresh_mutation_state(reader: &ReplicaReader, shard_schema: &str, cvr: &mut Cvr, at: Version) -> Result<bool, ProtocolError> {
+    let internal = |e: crate::sqlite::ReplicaError| ProtocolError::new(ErrorKind::Internal, e.to_string());
+    let group = Value::Text(cvr.id.clone());
+    let mut changed = false;
+    let clients_table = format!("{shard_schema}.clients");
+    if let Some(spec) = reader.table_spec(&clients_table) {
+        let (Some(g), Some(c), Some(l)) = (
+            spec.column_index("clientGroupID"),
+            spec.column_index("clientID"),
+            spec.column_index("lastMutationID"),
+        ) else {
+            return Err(ProtocolError::new(ErrorKind::Internal, format!("{clients_table} lacks zero's columns")));
+        };
+        let rows = reader.fetch_rows(&clients_table, &[(g, group.clone())]).map_err(internal)?;
+        let lmids: BTreeMap<String, u64> = rows
+            .into_iter()
+            .filter_map(|r| match (&r[c], &r[l]) {
+                (Value::Text(client), Value::Int(lmid)) => Some((client.clone(), *lmid as u64)),
+                _ => None,
+            })
+            .collect();
+        changed |= cvr.set_lmids(lmids, at);
+    }
+    let mutations_table = format!("{shard_schema}.mutations");
+    if let Some(spec) = reader.table_spec(&mutations_table) {
+        let (Some(g), Some(c), Some(m), Some(r)) = (
+            spec.column_index("clientGroupID"),
+            spec.column_index("clientID"),
+            spec.column_index("mutationID"),
+            spec.column_index("result"),
+        ) else {
+            return Err(ProtocolError::new(ErrorKind::Internal, format!("{mutations_table} lacks zero's columns")));
+        };
+        let rows = reader.fetch_rows(&mutations_table, &[(g, group)]).map_err(internal)?;
+        let results: BTreeMap<(String, u64), String> = rows
+            .into_iter()
+            .filter_map(|row| match (&row[c], &row[m], &row[r]) {
+                (Value::Text(client), Value::Int(id), Value::Json(result) | Value::Text(result)) => {
+                    Some(((client.clone(), *id as u64), result.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        changed |= cvr.set_mutation_results(results, at);
+    }
+    Ok(changed)
+}
