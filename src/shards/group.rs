@@ -21,6 +21,8 @@ pub struct Group {
     pub conns: RefCell<BTreeMap<String, Rc<Conn>>>,
     /// The newest auth token a client of the group presented; forwarded to the app server.
     pub token: RefCell<Option<String>>,
+    /// Pushes waiting for the app server, in order (created on the first push).
+    pub pusher: RefCell<Option<super::push::Pusher>>,
     lock: glommio::sync::Semaphore,
     /// Tables changed upstream since the group last advanced.
     pending_tables: RefCell<BTreeSet<String>>,
@@ -36,6 +38,7 @@ impl Group {
             queries: RefCell::new(GroupQueries::default()),
             conns: RefCell::new(BTreeMap::new()),
             token: RefCell::new(None),
+            pusher: RefCell::new(None),
             lock: glommio::sync::Semaphore::new(1),
             pending_tables: RefCell::new(BTreeSet::new()),
         }

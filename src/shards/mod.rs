@@ -1,1 +1,197 @@
-//! (filled in by the walking skeleton)
+//! A syncer shard: owns the client groups whose clientGroupID hashes to it, a read
+//! connection on the replica, and the sockets of its groups' clients.
+
+pub mod conn;
+pub mod eval;
+pub mod group;
+pub mod push;
+
+use crate::appserver::AppServerClient;
+use crate::config::Config;
+use crate::protocol::{ErrorKind, ProtocolError};
+use crate::sqlite::ReplicaReader;
+use bytes::BytesMut;
+use futures_lite::io::AsyncReadExt;
+use glommio::net::TcpStream;
+use group::Group;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::rc::Rc;
+
+/// Client groups one shard keeps; a new group past it is refused with ServerOverloaded.
+pub const CLIENT_GROUPS_PER_SHARD_MAX: usize = 100_000;
+/// Largest HTTP request head accepted before the upgrade.
+pub const REQUEST_HEAD_BYTES_MAX: usize = 64 * 1024;
+/// Time a new connection has to send its request head.
+pub const REQUEST_HEAD_TIMEOUT_MS: u64 = 10_000;
+
+/// A committed replica version, broadcast by the replication shard to every syncer shard.
+#[derive(Debug, Clone)]
+pub struct VersionReady {
+    pub watermark: u64,
+    /// Tables that changed in this version (replica names).
+    pub tables: Vec<String>,
+}
+
+/// An accepted socket moving to the shard that owns its client group: the fd and the bytes
+/// already read from it.
+pub struct Handoff {
+    pub fd: RawFd,
+    pub head: Vec<u8>,
+}
+
+pub struct Shard {
+    pub id: usize,
+    pub count: usize,
+    pub cfg: Rc<Config>,
+    pub app: AppServerClient,
+    pub shard_schema: String,
+    pub reader: RefCell<ReplicaReader>,
+    groups: RefCell<HashMap<String, Rc<Group>>>,
+}
+
+/// FNV-1a: stable across processes and versions, so a group always lands on the same shard.
+pub fn owner_shard(client_group_id: &str, count: usize) -> usize {
+    debug_assert!(count > 0);
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in client_group_id.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    (h % count as u64) as usize
+}
+
+impl Shard {
+    pub fn new(id: usize, count: usize, cfg: Rc<Config>, reader: ReplicaReader) -> Self {
+        Shard {
+            id,
+            count,
+            app: AppServerClient::new(&cfg),
+            shard_schema: cfg.shard_schema(),
+            cfg,
+            reader: RefCell::new(reader),
+            groups: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// The group's state on this shard, created on first use.
+    pub fn group(&self, id: &str) -> Result<Rc<Group>, ProtocolError> {
+        debug_assert_eq!(owner_shard(id, self.count), self.id, "group on the wrong shard");
+        let mut groups = self.groups.borrow_mut();
+        if let Some(g) = groups.get(id) {
+            return Ok(g.clone());
+        }
+        if groups.len() >= CLIENT_GROUPS_PER_SHARD_MAX {
+            return Err(ProtocolError::new(ErrorKind::ServerOverloaded, "this server holds too many client groups"));
+        }
+        let g = Rc::new(Group::new(id));
+        groups.insert(id.to_string(), g.clone());
+        Ok(g)
+    }
+
+    /// A new replica version: every group that reads a changed table advances.
+    pub async fn on_version(&self, v: VersionReady) {
+        if let Err(e) = self.reader.borrow_mut().reload_specs() {
+            tracing::error!(error = %e, "cannot reload replica table specs");
+        }
+        let groups: Vec<Rc<Group>> = self.groups.borrow().values().cloned().collect();
+        for g in groups {
+            g.note_changed_tables(&v.tables);
+            if let Err(e) = g.advance(self).await {
+                tracing::warn!(group = %g.id, error = %e, "advance failed");
+                for c in g.conns.borrow().values() {
+                    c.fail(&e);
+                }
+            }
+        }
+    }
+}
+
+/// Reads an HTTP request head. Returns the parsed head and every byte read.
+async fn read_head(stream: &mut TcpStream) -> Option<(crate::ws::handshake::UpgradeRequest, usize, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        match crate::ws::handshake::parse_request(&buf, REQUEST_HEAD_BYTES_MAX) {
+            Ok(Some((req, used))) => return Some((req, used, buf)),
+            Ok(None) => continue,
+            Err(e) => {
+                use futures_lite::io::AsyncWriteExt;
+                let _ = stream.write_all(&e.response()).await;
+                return None;
+            }
+        }
+    }
+}
+
+/// Routes one accepted socket: plain HTTP is answered here; a sync connection is served here
+/// if this shard owns its group, else handed to the owner.
+pub async fn route(shard: Rc<Shard>, mut stream: TcpStream, head: Vec<u8>, handoff: Rc<Vec<Option<HandoffSender>>>) {
+    let (req, used, buf) = if head.is_empty() {
+        let timeout = std::time::Duration::from_millis(REQUEST_HEAD_TIMEOUT_MS);
+        let read = futures_lite::future::or(read_head(&mut stream), async {
+            glommio::timer::sleep(timeout).await;
+            None
+        });
+        match read.await {
+            Some(r) => r,
+            None => return,
+        }
+    } else {
+        match crate::ws::handshake::parse_request(&head, REQUEST_HEAD_BYTES_MAX) {
+            Ok(Some((req, used))) => (req, used, head),
+            _ => return,
+        }
+    };
+    if !req.is_websocket_upgrade() {
+        return conn::serve_http(stream, &req).await;
+    }
+    let owner = req
+        .query_param("clientGroupID")
+        .map(|g| owner_shard(&g, shard.count))
+        .unwrap_or(shard.id);
+    if owner != shard.id {
+        if let Some(Some(tx)) = handoff.get(owner) {
+            // The owner adopts a duplicate of the fd; this shard's copy closes on drop.
+            let fd = unsafe { libc::dup(stream.as_raw_fd()) };
+            if fd >= 0 {
+                if let Err(h) = tx.try_send(Handoff { fd, head: buf }) {
+                    unsafe { libc::close(h.fd) };
+                    tracing::warn!(owner, "handoff queue full: dropping connection");
+                }
+                return;
+            }
+        }
+    }
+    let extra = BytesMut::from(&buf[used..]);
+    conn::serve(shard, stream, req, extra).await;
+}
+
+pub type HandoffSender = glommio::channels::shared_channel::ConnectedSender<Handoff>;
+
+/// Adopts a socket another shard accepted.
+pub fn adopt(h: Handoff) -> (TcpStream, Vec<u8>) {
+    // SAFETY: the fd was dup'ed for us by the accepting shard and is owned by nobody else.
+    (unsafe { TcpStream::from_raw_fd(h.fd) }, h.head)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::owner_shard;
+
+    #[test]
+    fn owner_is_stable_and_spread() {
+        assert_eq!(owner_shard("p06t78l8h9913hqlss", 4), owner_shard("p06t78l8h9913hqlss", 4));
+        let mut counts = [0usize; 4];
+        for i in 0..4000 {
+            counts[owner_shard(&format!("group{i}"), 4)] += 1;
+        }
+        assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+    }
+}

@@ -117,7 +117,11 @@ after(async () => {
     }
   }
   log('active: ' + JSON.stringify(process.getActiveResourcesInfo()));
-  setTimeout(() => log('active later: ' + JSON.stringify(process.getActiveResourcesInfo())), 3000).unref();
+  setTimeout(() => {
+    for (const h of process._getActiveHandles()) log('handle ' + h.constructor.name + ' ' + (h.pid ?? '') + ' ' + (h.spawnfile ?? '') + ' fd=' + (h.fd ?? h._handle?.fd ?? ''));
+    // timers live in lists, not handles
+    const {getActiveResourcesInfo} = process;
+  }, 3000).unref();
 });
 
 let z1, v1;
