@@ -115,6 +115,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PgConn<S> {
             ("database", cfg.dbname.as_str()),
             ("application_name", cfg.application_name.as_str()),
             ("client_encoding", "UTF8"),
+            // Values arrive as text: fix their format so the replica reads them one way
+            // (timestamps in UTC ISO form, floats with every digit).
+            ("TimeZone", "UTC"),
+            ("DateStyle", "ISO"),
+            ("extra_float_digits", "3"),
         ];
         if replication {
             params.push(("replication", "database"));
