@@ -2,6 +2,7 @@
 // (E2E_SERVER=zcache|zero-cache), a throwaway PostgreSQL and an in-process app server.
 // The tests share one database and run in order; each leaves the data as SQL describes it, and
 // every view is compared against the same query run in SQL.
+import '/tmp/hook.mjs';
 import '../lib/ws.mjs';
 import {test, before, after} from 'node:test';
 import assert from 'node:assert/strict';
@@ -118,6 +119,7 @@ after(async () => {
   }
   log('active: ' + JSON.stringify(process.getActiveResourcesInfo()));
   setTimeout(() => {
+    globalThis.__dumpTimers();
     for (const h of process._getActiveHandles()) log('handle ' + h.constructor.name + ' ' + (h.pid ?? '') + ' ' + (h.spawnfile ?? '') + ' fd=' + (h.fd ?? h._handle?.fd ?? ''));
     // timers live in lists, not handles
     const {getActiveResourcesInfo} = process;

@@ -1,0 +1,160 @@
+//! Applies pgoutput transactions to the replica: one SQLite transaction per upstream
+//! transaction, committed with its end LSN as the watermark.
+
+use super::schema::replica_table_name;
+use super::ReplError;
+use crate::pgrepl::pgoutput::{OldTuple, PgOutput, Relation, TupleValue};
+use crate::sqlite::pgtypes::decode_text;
+use crate::sqlite::Replica;
+use crate::zql::schema::TableSpec;
+use crate::zql::value::{Row, Value};
+use std::collections::{BTreeSet, HashMap};
+
+/// A relation as announced by the stream, mapped onto its replica table.
+struct RelationMap {
+    table: String,
+    /// For each column of the relation message, its position in the replica row.
+    positions: Vec<Option<usize>>,
+}
+
+/// What a commit hands on: the new watermark and the tables it touched.
+pub struct Committed {
+    pub watermark: u64,
+    pub tables: Vec<String>,
+}
+
+#[derive(Default)]
+pub struct Applier {
+    relations: HashMap<u32, RelationMap>,
+    in_tx: bool,
+    touched: BTreeSet<String>,
+}
+
+impl Applier {
+    /// Applies one message; returns the commit when a transaction ends.
+    pub fn apply(&mut self, replica: &Replica, msg: PgOutput) -> Result<Option<Committed>, ReplError> {
+        match msg {
+            PgOutput::Begin { .. } => {
+                debug_assert!(!self.in_tx, "BEGIN inside a transaction");
+                replica.begin()?;
+                self.in_tx = true;
+                self.touched.clear();
+            }
+            PgOutput::Commit { end_lsn, .. } => {
+                replica.commit(end_lsn.0)?;
+                self.in_tx = false;
+                return Ok(Some(Committed {
+                    watermark: end_lsn.0,
+                    tables: std::mem::take(&mut self.touched).into_iter().collect(),
+                }));
+            }
+            PgOutput::Relation(rel) => self.relation(replica, rel),
+            PgOutput::Insert { relation_oid, new } => {
+                let Some((table, row)) = self.row(replica, relation_oid, &new, None)? else {
+                    return Ok(None);
+                };
+                replica.upsert(&table, &row)?;
+            }
+            PgOutput::Update { relation_oid, old, new } => self.update(replica, relation_oid, old, new)?,
+            PgOutput::Delete { relation_oid, old } => {
+                let Some((table, key)) = self.key(replica, relation_oid, &old.values)? else {
+                    return Ok(None);
+                };
+                replica.delete(&table, &key)?;
+            }
+            PgOutput::Truncate { relation_oids, .. } => {
+                for oid in relation_oids {
+                    if let Some(rel) = self.relations.get(&oid) {
+                        replica.truncate(&rel.table)?;
+                        self.touched.insert(rel.table.clone());
+                    }
+                }
+            }
+            PgOutput::Origin { .. } | PgOutput::Type { .. } | PgOutput::Message { .. } => {}
+        }
+        Ok(None)
+    }
+
+    pub fn in_transaction(&self) -> bool {
+        self.in_tx
+    }
+
+    fn relation(&mut self, replica: &Replica, rel: Relation) {
+        let table = replica_table_name(&rel.namespace, &rel.name);
+        let Ok(spec) = replica.spec(&table) else {
+            // A table created after the initial sync: schema changes are issue 3's work.
+            tracing::warn!(%table, "change to a table the replica does not have; ignored");
+            return;
+        };
+        let positions = rel.columns.iter().map(|c| spec.column_index(&c.name)).collect();
+        self.relations.insert(rel.oid, RelationMap { table, positions });
+    }
+
+    fn map(&self, oid: u32) -> Option<&RelationMap> {
+        self.relations.get(&oid)
+    }
+
+    /// Decodes a new tuple into a full replica row. Unchanged TOAST values come from `old`.
+    fn row(&mut self, replica: &Replica, oid: u32, values: &[TupleValue], old: Option<&Row>) -> Result<Option<(String, Row)>, ReplError> {
+        let Some(map) = self.map(oid) else {
+            return Ok(None);
+        };
+        let spec = replica.spec(&map.table)?;
+        let mut row: Row = vec![Value::Null; spec.columns.len()];
+        for (value, pos) in values.iter().zip(&map.positions) {
+            let Some(pos) = *pos else { continue };
+            row[pos] = match value {
+                TupleValue::Null => Value::Null,
+                TupleValue::UnchangedToast => old.map(|o| o[pos].clone()).unwrap_or(Value::Null),
+                TupleValue::Text(b) | TupleValue::Binary(b) => decode(spec, pos, b)?,
+            };
+        }
+        let table = map.table.clone();
+        self.touched.insert(table.clone());
+        Ok(Some((table, row)))
+    }
+
+    /// The primary-key values of an old tuple (or of a full new row).
+    fn key(&mut self, replica: &Replica, oid: u32, values: &[TupleValue]) -> Result<Option<(String, Vec<Value>)>, ReplError> {
+        let Some((table, row)) = self.row(replica, oid, values, None)? else {
+            return Ok(None);
+        };
+        let spec = replica.spec(&table)?;
+        Ok(Some((table, spec.primary_key.iter().map(|&i| row[i].clone()).collect())))
+    }
+
+    fn update(&mut self, replica: &Replica, oid: u32, old: Option<OldTuple>, new: Vec<TupleValue>) -> Result<(), ReplError> {
+        let Some(map) = self.map(oid) else {
+            return Ok(());
+        };
+        let table = map.table.clone();
+        let needs_old = new.iter().any(|v| matches!(v, TupleValue::UnchangedToast));
+        // The old key is sent only when the key changed (or with REPLICA IDENTITY FULL).
+        let old_key = match &old {
+            Some(o) => self.key(replica, oid, &o.values)?.map(|(_, k)| k),
+            None => None,
+        };
+        let Some((_, mut row)) = self.row(replica, oid, &new, None)? else {
+            return Ok(());
+        };
+        let spec: TableSpec = replica.spec(&table)?.clone();
+        let new_key: Vec<Value> = spec.primary_key.iter().map(|&i| row[i].clone()).collect();
+        if needs_old {
+            let lookup = old_key.clone().unwrap_or_else(|| new_key.clone());
+            if let Some(previous) = replica.get(&table, &lookup)? {
+                row = self.row(replica, oid, &new, Some(&previous))?.map(|(_, r)| r).unwrap_or(row);
+            }
+        }
+        if let Some(k) = old_key.filter(|k| *k != new_key) {
+            replica.delete(&table, &k)?;
+        }
+        replica.upsert(&table, &row)?;
+        Ok(())
+    }
+}
+
+fn decode(spec: &TableSpec, pos: usize, bytes: &[u8]) -> Result<Value, ReplError> {
+    let col = &spec.columns[pos];
+    let text = std::str::from_utf8(bytes).map_err(|_| ReplError::Value(format!("{}.{} is not UTF-8", spec.name, col.name)))?;
+    Ok(decode_text(col.pg_type_oid, col.kind, text)?)
+}
