@@ -84,6 +84,14 @@ struct Evaluator<'a> {
     rows: RowCounts,
 }
 
+/// Only a misbehaving source (rows repeated, or sharing a primary key) breaks the strict
+/// order of a completed ordering; checked in debug builds only.
+fn has_duplicate_keys(level: &Level, rows: &[Row]) -> bool {
+    let mut keys: Vec<String> = rows.iter().map(|r| row_key_json(&level.spec, r)).collect();
+    keys.sort();
+    keys.windows(2).any(|w| w[0] == w[1])
+}
+
 /// The child constraint for `parent`, or None when a parent key is null (matches nothing).
 fn join_constraint(join: &Join, parent: &Row) -> Option<Vec<(usize, Value)>> {
     join.parent_columns
@@ -141,6 +149,10 @@ impl Evaluator<'_> {
             }
         }
         kept.sort_by(cmp);
+        debug_assert!(level.limit.is_none_or(|l| kept.len() as u64 <= l));
+        debug_assert!(
+            kept.windows(2).all(|w| cmp(&w[0], &w[1]).is_lt()) || has_duplicate_keys(level, &kept)
+        );
         Ok(kept)
     }
 
