@@ -1,0 +1,269 @@
+//! From-scratch ("fresh") evaluation of a query: the client-visible view and every row the
+//! client needs to re-run the query locally, with how many paths reach each row.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use super::ast::Ast;
+use super::error::ZqlError;
+use super::filter::Filter;
+use super::plan::{compare_rows, compile, Join, Level, Plan, SubqueryCondition};
+use super::schema::TableSpec;
+use super::value::{write_json_string, Row, Value};
+
+/// Where rows come from (the replica, or an in-memory table in tests).
+pub trait Source {
+    fn table(&self, name: &str) -> Option<Rc<TableSpec>>;
+    /// Rows of `table` whose columns (by position) equal the given values under SQL equality
+    /// (Value::sql_eq; an empty list = every row). Any order.
+    fn fetch(&self, table: &str, eq: &[(usize, Value)]) -> Result<Vec<Row>, ZqlError>;
+}
+
+/// A row of the view with its visible relationships (junction hops already lifted).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub row: Row,
+    pub relationships: Vec<(String /*alias*/, Vec<Node>)>,
+}
+
+/// The rows a client must hold, keyed by (table name, `row_key_json`), with the row and the
+/// number of paths through the query tree that reach it.
+pub type RowCounts = HashMap<(String, String), (Row, u32)>;
+
+#[derive(Debug, Clone, Default)]
+pub struct Evaluation {
+    /// The view, in order, for tests and the client-visible result.
+    pub nodes: Vec<Node>,
+    /// Every row the client needs to re-run the query locally (root rows, related rows at every
+    /// depth including hidden junction rows, rows of EXISTS subqueries; NOT rows under
+    /// system:'permissions'), keyed by (table name, primary-key JSON as produced by `row_key_json`),
+    /// with the row and how many times it was reached.
+    pub rows: RowCounts,
+}
+
+pub fn evaluate(ast: &Ast, src: &dyn Source) -> Result<Evaluation, ZqlError> {
+    let plan = compile(ast, src)?;
+    evaluate_plan(&plan, src)
+}
+
+/// Evaluates a plan compiled (by `plan::compile`) against the same source's tables.
+pub fn evaluate_plan(plan: &Plan, src: &dyn Source) -> Result<Evaluation, ZqlError> {
+    let mut ev = Evaluator {
+        src,
+        exists_cache: HashMap::new(),
+        rows: HashMap::new(),
+    };
+    let roots = ev.select(&plan.root, &[])?;
+    let nodes = ev.build(&plan.root, roots)?;
+    Ok(Evaluation {
+        nodes,
+        rows: ev.rows,
+    })
+}
+
+/// `{"id":"i1"}`: the primary-key columns in key order, as the wire's row `id` object.
+pub fn row_key_json(spec: &TableSpec, row: &Row) -> String {
+    let mut out = String::from("{");
+    for (i, &pk) in spec.primary_key.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        write_json_string(&spec.columns[pk].name, &mut out);
+        out.push(':');
+        row.get(pk).unwrap_or(&Value::Null).write_json(&mut out);
+    }
+    out.push('}');
+    out
+}
+
+struct Evaluator<'a> {
+    src: &'a dyn Source,
+    /// Child rows of correlated-subquery conditions by (condition id, parent key values), so
+    /// that parents sharing a key, and the later row sync, cost one fetch.
+    exists_cache: HashMap<(usize, String), Rc<Vec<Row>>>,
+    rows: RowCounts,
+}
+
+/// Only a misbehaving source (rows repeated, or sharing a primary key) breaks the strict
+/// order of a completed ordering; checked in debug builds only.
+fn has_duplicate_keys(level: &Level, rows: &[Row]) -> bool {
+    let mut keys: Vec<String> = rows.iter().map(|r| row_key_json(&level.spec, r)).collect();
+    keys.sort();
+    keys.windows(2).any(|w| w[0] == w[1])
+}
+
+/// The child constraint for `parent`, or None when a parent key is null (matches nothing).
+fn join_constraint(join: &Join, parent: &Row) -> Option<Vec<(usize, Value)>> {
+    join.parent_columns
+        .iter()
+        .zip(&join.child_columns)
+        .map(|(&p, &c)| {
+            let v = &parent[p];
+            (!v.is_null()).then(|| (c, v.clone()))
+        })
+        .collect()
+}
+
+impl Evaluator<'_> {
+    /// The rows of one level under `join_eq`: filtered, ordered, windowed by start and limit.
+    fn select(&mut self, level: &Level, join_eq: &[(usize, Value)]) -> Result<Vec<Row>, ZqlError> {
+        let mut eq = Vec::with_capacity(join_eq.len() + level.pushdown.len());
+        eq.extend_from_slice(join_eq);
+        eq.extend_from_slice(&level.pushdown);
+        let fetched = self.src.fetch(&level.spec.name, &eq)?;
+        let width = level.spec.columns.len();
+        let mut kept = Vec::new();
+        for row in fetched {
+            if row.len() != width {
+                return Err(ZqlError::Source(format!(
+                    "table '{}' returned a row of {} values for {} columns",
+                    level.spec.name,
+                    row.len(),
+                    width
+                )));
+            }
+            // The source may over-approximate (SQLite affinity); equality is ours to decide.
+            if !eq.iter().all(|(c, v)| row[*c].sql_eq(v)) {
+                continue;
+            }
+            if let Some(start) = &level.start {
+                if !start.admits(&level.order, &row) {
+                    continue;
+                }
+            }
+            if let Some(filter) = &level.filter {
+                if !self.test(level, filter, &row)? {
+                    continue;
+                }
+            }
+            kept.push(row);
+        }
+        let cmp = |a: &Row, b: &Row| compare_rows(&level.order, a, b);
+        if let Some(limit) = level.limit {
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            if limit == 0 {
+                kept.clear();
+            } else if limit < kept.len() {
+                kept.select_nth_unstable_by(limit - 1, cmp);
+                kept.truncate(limit);
+            }
+        }
+        kept.sort_by(cmp);
+        debug_assert!(level.limit.is_none_or(|l| kept.len() as u64 <= l));
+        debug_assert!(
+            kept.windows(2).all(|w| cmp(&w[0], &w[1]).is_lt()) || has_duplicate_keys(level, &kept)
+        );
+        Ok(kept)
+    }
+
+    fn test(&mut self, level: &Level, filter: &Filter, row: &Row) -> Result<bool, ZqlError> {
+        Ok(match filter {
+            Filter::Const(b) => *b,
+            Filter::Simple(p) => p.holds(row),
+            Filter::And(fs) => {
+                for f in fs {
+                    if !self.test(level, f, row)? {
+                        return Ok(false);
+                    }
+                }
+                true
+            }
+            Filter::Or(fs) => {
+                for f in fs {
+                    if self.test(level, f, row)? {
+                        return Ok(true);
+                    }
+                }
+                false
+            }
+            Filter::Exists { condition, negate } => {
+                let cond = &level.conditions[*condition];
+                self.condition_rows(cond, row)?.is_empty() == *negate
+            }
+        })
+    }
+
+    fn condition_rows(
+        &mut self,
+        cond: &SubqueryCondition,
+        parent: &Row,
+    ) -> Result<Rc<Vec<Row>>, ZqlError> {
+        let Some(eq) = join_constraint(&cond.join, parent) else {
+            return Ok(Rc::new(Vec::new()));
+        };
+        let mut key = String::new();
+        for (_, v) in &eq {
+            v.write_json(&mut key);
+            key.push(',');
+        }
+        if let Some(rows) = self.exists_cache.get(&(cond.id, key.clone())) {
+            return Ok(rows.clone());
+        }
+        let rows = Rc::new(self.select(&cond.join.child, &eq)?);
+        self.exists_cache.insert((cond.id, key), rows.clone());
+        Ok(rows)
+    }
+
+    /// Builds the view nodes for `rows` of `level` and counts every row reached, walking all
+    /// relationships the way zero-cache's Streamer does.
+    fn build(&mut self, level: &Level, rows: Vec<Row>) -> Result<Vec<Node>, ZqlError> {
+        let mut nodes = Vec::with_capacity(rows.len());
+        for row in rows {
+            self.count(&level.spec, &row);
+            let mut relationships = Vec::with_capacity(level.related.len());
+            for rel in &level.related {
+                let children = match join_constraint(&rel.join, &row) {
+                    Some(eq) => self.select(&rel.join.child, &eq)?,
+                    None => Vec::new(),
+                };
+                let children = self.build(&rel.join.child, children)?;
+                if rel.hidden {
+                    lift_junction(&rel.join.child, children, &mut relationships);
+                } else {
+                    relationships.push((rel.alias.clone(), children));
+                }
+            }
+            // Rows that only satisfied (or failed) a subquery condition are synced too,
+            // except under permission rules; they are not part of the view.
+            for cond in level.conditions.iter().filter(|c| !c.permissions) {
+                let children = self.condition_rows(cond, &row)?;
+                self.build(&cond.join.child, children.as_ref().clone())?;
+            }
+            nodes.push(Node { row, relationships });
+        }
+        Ok(nodes)
+    }
+
+    fn count(&mut self, spec: &TableSpec, row: &Row) {
+        let key = (spec.name.clone(), row_key_json(spec, row));
+        self.rows.entry(key).or_insert_with(|| (row.clone(), 0)).1 += 1;
+    }
+}
+
+/// A hidden (junction) hop is invisible in the client's view: the junction rows' own
+/// relationships are merged into the parent, each kept in its subquery's order and with rows
+/// reached through several junction rows shown once.
+fn lift_junction(junction: &Level, nodes: Vec<Node>, into: &mut Vec<(String, Vec<Node>)>) {
+    // Every target relationship shows, empty or not, as it would under a plain hop.
+    let mut lifted: Vec<(String, Vec<Node>)> = junction
+        .related
+        .iter()
+        .map(|r| (r.alias.clone(), Vec::new()))
+        .collect();
+    for node in nodes {
+        for (alias, children) in node.relationships {
+            match lifted.iter_mut().find(|(a, _)| *a == alias) {
+                Some((_, list)) => list.extend(children),
+                None => lifted.push((alias, children)),
+            }
+        }
+    }
+    for (alias, mut list) in lifted {
+        if let Some(target) = junction.related.iter().find(|r| r.alias == alias) {
+            let order = &target.join.child.order;
+            list.sort_by(|a, b| compare_rows(order, &a.row, &b.row));
+            list.dedup_by(|a, b| compare_rows(order, &a.row, &b.row).is_eq());
+        }
+        into.push((alias, list));
+    }
+}
