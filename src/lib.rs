@@ -10,6 +10,7 @@ pub mod config;
 pub mod cvr;
 pub mod embedded;
 pub mod pgrepl;
+pub mod replicator;
 pub mod protocol;
 pub mod reactor;
 pub mod shards;

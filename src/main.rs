@@ -1,1 +1,56 @@
-fn main() {}
+use clap::Parser;
+use std::sync::{Arc, Mutex};
+use zcache::config::Config;
+use zcache::embedded::{demo, pgcluster::PgCluster};
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ZCACHE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("zcache={level},warn")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn fail(message: impl std::fmt::Display) -> ! {
+    eprintln!("zcache: {message}");
+    std::process::exit(1);
+}
+
+fn main() {
+    let cfg = Config::parse();
+    if let Err(e) = cfg.validate() {
+        fail(e);
+    }
+    init_logging(&cfg.log_level);
+
+    let embedded: Arc<Mutex<Option<PgCluster>>> = Arc::new(Mutex::new(None));
+    let upstream = match &cfg.upstream_db {
+        Some(url) => url.clone(),
+        None => {
+            let (cluster, url) = demo::start(&cfg.data_dir)
+                .unwrap_or_else(|e| fail(format!("cannot start the embedded PostgreSQL: {e}")));
+            eprintln!(
+                "zcache: no --upstream-db given: serving the embedded demo database {url}\n\
+                 zcache: connect a Zero client with server: 'http://localhost:{}' (legacy queries, \
+                 or pass --query-url/--mutate-url for your app server)",
+                cfg.port
+            );
+            *embedded.lock().unwrap_or_else(|p| p.into_inner()) = Some(cluster);
+            url
+        }
+    };
+    let on_signal = embedded.clone();
+    let _ = ctrlc::set_handler(move || {
+        if let Some(mut c) = on_signal.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            c.stop();
+        }
+        std::process::exit(0);
+    });
+    if let Err(e) = zcache::reactor::run(cfg, upstream) {
+        if let Some(mut c) = embedded.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            c.stop();
+        }
+        fail(e);
+    }
+}

@@ -2,3 +2,4 @@
 //! cluster started from the installed binaries (also what the integration tests use).
 
 pub mod pgcluster;
+pub mod demo;

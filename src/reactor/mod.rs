@@ -1,1 +1,226 @@
-//! (filled in by the walking skeleton)
+//! Thread-per-core start-up: one pinned glommio executor replicates, one per syncer shard
+//! serves clients. Shards share nothing mutable; they talk over glommio's SPSC channels:
+//! replication -> every syncer (committed versions), syncer -> syncer (socket handoff).
+
+use crate::config::Config;
+use crate::pgrepl::ConnConfig;
+use crate::replicator;
+use crate::shards::{self, Handoff, HandoffSender, Shard, VersionReady};
+use crate::sqlite::ReplicaReader;
+use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
+use glommio::{LocalExecutorBuilder, Placement};
+use std::rc::Rc;
+use std::sync::mpsc;
+
+/// Committed versions queued per syncer before the replication shard waits for it.
+pub const VERSION_QUEUE_MAX: usize = 1024;
+/// Sockets queued for handoff to one shard before new ones are refused.
+pub const HANDOFF_QUEUE_MAX: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(
+        "cannot start an io_uring executor ({0}). io_uring may be disabled (sysctl \
+         kernel.io_uring_disabled) or blocked by a seccomp profile (Docker/Kubernetes: allow \
+         io_uring_setup, io_uring_enter, io_uring_register), or `ulimit -l` is below 512 KiB"
+    )]
+    Executor(String),
+    #[error("port {0} is already in use: stop what holds it or pass --port / ZERO_PORT")]
+    PortInUse(u16),
+    #[error("{0}")]
+    Upstream(String),
+    #[error("invalid upstream URL: {0}")]
+    UpstreamUrl(String),
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn placement(cfg: &Config, core: usize) -> Placement {
+    if cfg.pin_cores {
+        Placement::Fixed(core % cores())
+    } else {
+        Placement::Unbound
+    }
+}
+
+/// Runs one executor on its own thread; reports creation failures instead of panicking.
+fn spawn_executor<F, Fut>(name: &str, cfg: &Config, core: usize, f: F) -> std::thread::JoinHandle<()>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
+    let builder = LocalExecutorBuilder::new(placement(cfg, core))
+        .name(name)
+        .io_memory(cfg.io_memory_kib * 1024);
+    let name = name.to_string();
+    std::thread::Builder::new()
+        .name(name.clone())
+        .spawn(move || match builder.make() {
+            Ok(ex) => ex.run(f()),
+            Err(e) => {
+                eprintln!("zcache: {}", StartError::Executor(e.to_string()));
+                std::process::exit(1);
+            }
+        })
+        .unwrap_or_else(|e| {
+            eprintln!("zcache: cannot start thread {name}: {e}");
+            std::process::exit(1);
+        })
+}
+
+/// The address every syncer binds: dual-stack `[::]`, or IPv4 where IPv6 is off.
+fn listen_addr(port: u16) -> Result<String, StartError> {
+    for addr in [format!("[::]:{port}"), format!("0.0.0.0:{port}")] {
+        // Without SO_REUSEPORT (which glommio sets), so another process on the port shows.
+        match std::net::TcpListener::bind(&addr) {
+            Ok(_) => return Ok(addr),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(StartError::PortInUse(port)),
+            Err(_) => continue,
+        }
+    }
+    Err(StartError::PortInUse(port))
+}
+
+/// Starts every shard and blocks until the process is stopped.
+pub fn run(cfg: Config, upstream_url: String) -> Result<(), StartError> {
+    let upstream = ConnConfig::parse(&upstream_url).map_err(|e| StartError::UpstreamUrl(e.to_string()))?;
+    let addr = listen_addr(cfg.port)?;
+    let n = cfg.sync_shard_count(cores());
+    let (version_txs, version_rxs): (Vec<SharedSender<VersionReady>>, Vec<SharedReceiver<VersionReady>>) =
+        (0..n).map(|_| shared_channel::new_bounded(VERSION_QUEUE_MAX)).unzip();
+    // handoff[to][from]
+    let mut handoff_rxs: Vec<Vec<Option<SharedReceiver<Handoff>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+    let mut handoff_txs: Vec<Vec<Option<SharedSender<Handoff>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+    for to in 0..n {
+        for from in (0..n).filter(|&f| f != to) {
+            let (tx, rx) = shared_channel::new_bounded(HANDOFF_QUEUE_MAX);
+            handoff_txs[from][to] = Some(tx);
+            handoff_rxs[to][from] = Some(rx);
+        }
+    }
+
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
+    let repl_cfg = cfg.clone();
+    let repl = spawn_executor("zcache-repl", &cfg, cfg.repl_core, move || async move {
+        match replicator::prepare(&repl_cfg, &upstream).await {
+            Ok(prepared) => {
+                let _ = ready_tx.send(Ok(()));
+                // Connecting waits for each syncer to connect its end, after the replica is ready.
+                let mut syncers = Vec::new();
+                for tx in version_txs {
+                    syncers.push(tx.connect().await);
+                }
+                replicator::stream_forever(upstream, prepared, syncers).await;
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e.to_string()));
+            }
+        }
+    });
+    match ready_rx.recv() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(StartError::Upstream(e)),
+        Err(_) => return Err(StartError::Upstream("the replication shard stopped during start-up".into())),
+    }
+
+    let cfg = Rc::new(cfg);
+    let (bound_tx, bound_rx) = mpsc::channel::<Result<(), String>>();
+    let mut threads = vec![repl];
+    for (id, (version_rx, (rxs, txs))) in version_rxs
+        .into_iter()
+        .zip(handoff_rxs.into_iter().zip(handoff_txs))
+        .enumerate()
+    {
+        let shard_cfg = (*cfg).clone();
+        let addr = addr.clone();
+        let bound_tx = bound_tx.clone();
+        threads.push(spawn_executor(&format!("zcache-sync{id}"), &cfg, id, move || async move {
+            run_syncer(id, n, shard_cfg, addr, version_rx, rxs, txs, bound_tx).await
+        }));
+    }
+    for _ in 0..n {
+        match bound_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(StartError::Upstream(e)),
+            Err(_) => return Err(StartError::Upstream("a syncer shard stopped during start-up".into())),
+        }
+    }
+    tracing::info!(port = cfg.port, sync_shards = n, "zcache ready");
+    eprintln!("zcache ready on port {} ({n} syncer shards)", cfg.port);
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_syncer(
+    id: usize,
+    n: usize,
+    cfg: Config,
+    addr: String,
+    version_rx: SharedReceiver<VersionReady>,
+    handoff_rxs: Vec<Option<SharedReceiver<Handoff>>>,
+    handoff_txs: Vec<Option<SharedSender<Handoff>>>,
+    bound: mpsc::Sender<Result<(), String>>,
+) {
+    let reader = match ReplicaReader::open(&cfg.replica_file) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = bound.send(Err(format!("syncer {id} cannot open the replica: {e}")));
+            return;
+        }
+    };
+    let shard = Rc::new(Shard::new(id, n, Rc::new(cfg), reader));
+    let mut senders: Vec<Option<HandoffSender>> = Vec::with_capacity(n);
+    for tx in handoff_txs {
+        senders.push(match tx {
+            Some(tx) => Some(tx.connect().await),
+            None => None,
+        });
+    }
+    let senders = Rc::new(senders);
+    for rx in handoff_rxs.into_iter().flatten() {
+        let shard = shard.clone();
+        let senders = senders.clone();
+        glommio::spawn_local(async move {
+            let rx = rx.connect().await;
+            while let Some(h) = rx.recv().await {
+                let (stream, head) = shards::adopt(h);
+                glommio::spawn_local(shards::route(shard.clone(), stream, head, senders.clone())).detach();
+            }
+        })
+        .detach();
+    }
+    {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            let rx = version_rx.connect().await;
+            while let Some(v) = rx.recv().await {
+                shard.on_version(v).await;
+            }
+        })
+        .detach();
+    }
+    let listener = match glommio::net::TcpListener::bind(&addr) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = bound.send(Err(format!("syncer {id} cannot listen on {addr}: {e}")));
+            return;
+        }
+    };
+    let _ = bound.send(Ok(()));
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                glommio::spawn_local(shards::route(shard.clone(), stream, Vec::new(), senders.clone())).detach();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+    }
+}

@@ -161,8 +161,9 @@ pub async fn route(shard: Rc<Shard>, mut stream: TcpStream, head: Vec<u8>, hando
             // The owner adopts a duplicate of the fd; this shard's copy closes on drop.
             let fd = unsafe { libc::dup(stream.as_raw_fd()) };
             if fd >= 0 {
-                if let Err(h) = tx.try_send(Handoff { fd, head: buf }) {
-                    unsafe { libc::close(h.fd) };
+                if tx.try_send(Handoff { fd, head: buf }).is_err() {
+                    // SAFETY: the handoff was refused, so the dup'ed fd is still ours alone.
+                    unsafe { libc::close(fd) };
                     tracing::warn!(owner, "handoff queue full: dropping connection");
                 }
                 return;

@@ -25,7 +25,7 @@ pub struct PushJob {
     mutation_ids: Vec<(String, u64)>,
 }
 
-pub type Pusher = LocalSender<PushJob>;
+pub type Pusher = Rc<LocalSender<PushJob>>;
 
 fn pusher(shard: &Rc<Shard>, group: &Rc<Group>) -> Pusher {
     let mut slot = group.pusher.borrow_mut();
@@ -40,6 +40,7 @@ fn pusher(shard: &Rc<Shard>, group: &Rc<Group>) -> Pusher {
         }
     })
     .detach();
+    let tx = Rc::new(tx);
     *slot = Some(tx.clone());
     tx
 }

@@ -100,7 +100,7 @@ impl ReplicaReader {
     }
 }
 
-fn from_sql(kind: ColumnKind, v: ValueRef<'_>) -> Value {
+pub(crate) fn from_sql(kind: ColumnKind, v: ValueRef<'_>) -> Value {
     match (kind, v) {
         (_, ValueRef::Null) => Value::Null,
         (ColumnKind::Boolean, ValueRef::Integer(i)) => Value::Bool(i != 0),
@@ -111,6 +111,19 @@ fn from_sql(kind: ColumnKind, v: ValueRef<'_>) -> Value {
         }
         (_, ValueRef::Text(t)) => Value::Text(String::from_utf8_lossy(t).into_owned()),
         (_, ValueRef::Blob(b)) => Value::Text(String::from_utf8_lossy(b).into_owned()),
+    }
+}
+
+impl crate::zql::Source for ReplicaReader {
+    fn table(&self, name: &str) -> Option<Rc<TableSpec>> {
+        self.table_spec(name)
+    }
+
+    fn fetch(&self, table: &str, eq: &[(usize, Value)]) -> Result<Vec<Row>, crate::zql::ZqlError> {
+        self.fetch_rows(table, eq).map_err(|e| match e {
+            ReplicaError::UnknownTable(t) => crate::zql::ZqlError::UnknownTable(t),
+            other => crate::zql::ZqlError::Source(other.to_string()),
+        })
     }
 }
 

@@ -204,6 +204,36 @@ impl Replica {
         Ok(())
     }
 
+    /// The row with this primary key, if present.
+    pub fn get(&self, table: &str, key: &[Value]) -> Result<Option<Row>, ReplicaError> {
+        let spec = self.spec(table)?;
+        let cols: Vec<String> = spec.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let conds: Vec<String> = spec
+            .primary_key
+            .iter()
+            .enumerate()
+            .map(|(n, &i)| format!("{} = ?{}", quote_ident(&spec.columns[i].name), n + 1))
+            .collect();
+        let sql = format!(
+            "SELECT {} FROM {} WHERE {}",
+            cols.join(", "),
+            quote_ident(table),
+            conds.join(" AND ")
+        );
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(key.iter().map(to_sql)))?;
+        match rows.next()? {
+            Some(r) => {
+                let mut row = Vec::with_capacity(spec.columns.len());
+                for (i, col) in spec.columns.iter().enumerate() {
+                    row.push(super::reader::from_sql(col.kind, r.get_ref(i)?));
+                }
+                Ok(Some(row))
+            }
+            None => Ok(None),
+        }
+    }
+
     pub fn truncate(&self, table: &str) -> Result<(), ReplicaError> {
         self.spec(table)?;
         self.conn

@@ -2,10 +2,9 @@
 // process on a free port (wal_level=logical for the sync server), seeded with the test data.
 import {execFileSync} from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import postgres from 'postgres';
-import {freePort, sleep, spawnGroup} from './proc.mjs';
+import {freePort, makeTempDir, removeTempDir, sleep, spawnGroup} from './proc.mjs';
 
 const isRoot = process.getuid?.() === 0;
 const pgStartTimeoutMs = 60_000;
@@ -99,7 +98,7 @@ async function waitAccepting(url, proc) {
  */
 export async function startPostgres({dbName = 'zbench', seed = true} = {}) {
   const bin = findPgBin();
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'zcache-e2e-pg-'));
+  const dir = makeTempDir('zcache-e2e-pg-');
   const dataDir = path.join(dir, 'data');
   const sockDir = path.join(dir, 'sock');
   fs.mkdirSync(dataDir, {mode: 0o700});
@@ -112,7 +111,7 @@ export async function startPostgres({dbName = 'zbench', seed = true} = {}) {
   try {
     execFileSync(initCmd, initArgs, {stdio: 'pipe'});
   } catch (e) {
-    fs.rmSync(dir, {recursive: true, force: true});
+    removeTempDir(dir);
     throw new Error(`initdb failed: ${e.stderr?.toString() ?? e.message}`);
   }
 
@@ -146,7 +145,7 @@ export async function startPostgres({dbName = 'zbench', seed = true} = {}) {
       // not started or already gone
     }
     await proc.stop({signal: 'SIGINT', graceMs: 15_000, pid: postmasterPid || null});
-    if (!process.env.E2E_KEEP_WORK) fs.rmSync(dir, {recursive: true, force: true});
+    removeTempDir(dir);
   };
 
   try {

@@ -7,11 +7,46 @@
 import {spawn} from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
 
 const liveGroups = new Set();
-process.on('exit', () => {
+const tempDirs = new Set();
+
+function emergencyCleanup() {
   for (const pgid of liveGroups) killGroup(pgid, 'SIGKILL');
-});
+  liveGroups.clear();
+  if (process.env.E2E_KEEP_WORK) return;
+  for (const dir of tempDirs) {
+    try {
+      fs.rmSync(dir, {recursive: true, force: true});
+    } catch {
+      // best effort while exiting
+    }
+  }
+}
+process.on('exit', emergencyCleanup);
+// Children live in their own process groups, so a Ctrl-C or a kill of the test process would not
+// reach them: forward the end to them (and exit as the signal would have).
+for (const [signal, code] of [['SIGINT', 130], ['SIGTERM', 143], ['SIGHUP', 129]]) {
+  process.once(signal, () => {
+    emergencyCleanup();
+    process.exit(code);
+  });
+}
+
+/** Registers a temp dir to remove if the process ends before its owner removes it. */
+export function makeTempDir(prefix) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  tempDirs.add(dir);
+  return dir;
+}
+
+/** Removes a dir from makeTempDir (kept when E2E_KEEP_WORK is set, for post-mortems). */
+export function removeTempDir(dir) {
+  tempDirs.delete(dir);
+  if (!process.env.E2E_KEEP_WORK) fs.rmSync(dir, {recursive: true, force: true});
+}
 
 export function killGroup(pgid, signal) {
   try {
@@ -32,6 +67,16 @@ export function groupAlive(pgid) {
 }
 
 export const sleep = ms => new Promise(r => setTimeout(r, ms));
+
+/** Resolves with `promise` or after `ms`, whichever is first, without leaving a timer behind. */
+async function waitAtMost(promise, ms) {
+  let timer;
+  try {
+    await Promise.race([promise, new Promise(r => (timer = setTimeout(r, ms)))]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
 
 /**
  * Spawns `cmd args` in a new process group; stdout+stderr go to `logFile` and to an in-memory
@@ -85,7 +130,7 @@ export function spawnGroup(name, cmd, args, {env = process.env, cwd, logFile} = 
         } catch {
           // already exiting
         }
-        await Promise.race([exited, sleep(graceMs)]);
+        await waitAtMost(exited, graceMs);
       }
       // the leader may be gone while forked workers linger: sweep the group
       killGroup(pgid, 'SIGKILL');

@@ -4,10 +4,9 @@
 // Each call gets a fresh app id and replica file, so test files never share server state.
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import {fileURLToPath} from 'node:url';
-import {freePort, freePortPair, portAnswers, sleep, spawnGroup} from './proc.mjs';
+import {freePort, freePortPair, makeTempDir, portAnswers, removeTempDir, sleep, spawnGroup} from './proc.mjs';
 
 const e2eDir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const repoDir = path.resolve(e2eDir, '..', '..');
@@ -98,7 +97,7 @@ function launchSpec(kind, {pgUrl, appUrl, port, appId, replicaFile}) {
  */
 export async function startServer({pgUrl, appUrl}) {
   const kind = preflightServer();
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), `zcache-e2e-${kind}-`));
+  const dir = makeTempDir(`zcache-e2e-${kind}-`);
   // zero-cache also binds port+1 (change-streamer)
   const port = kind === 'zero-cache' ? await freePortPair() : await freePort('::');
   const appId = newAppId();
@@ -116,7 +115,7 @@ export async function startServer({pgUrl, appUrl}) {
     async stop() {
       // SIGTERM lets zero-cache drain and stop its workers; the group is SIGKILLed after the grace period
       await proc.stop({signal: 'SIGTERM', graceMs: 10_000});
-      if (!process.env.E2E_KEEP_WORK) fs.rmSync(dir, {recursive: true, force: true});
+      removeTempDir(dir);
     },
   };
 
@@ -126,7 +125,7 @@ export async function startServer({pgUrl, appUrl}) {
       if (proc.exitInfo) {
         const {code, signal, error} = proc.exitInfo;
         const why = error ? `could not be started (${error.message})` : `exited during startup (code ${code}, signal ${signal})`;
-        throw new Error(`${kind} ${why}; last output:\n${proc.tail(40)}`);
+        throw new Error(`${kind} ${why}; ${proc.output().trim() ? `last output:\n${proc.tail(40)}` : "it printed nothing"}`);
       }
       if (proc.output().includes(spec.readyMarker) && (await portAnswers(port))) break;
       if (Date.now() > deadline) {
