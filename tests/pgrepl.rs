@@ -686,3 +686,89 @@ fn bad_configuration_fails_with_the_log_tail() {
     assert!(matches!(err, ClusterError::Exited { .. }), "{err}");
     assert!(err.to_string().contains("no_such_setting"), "{err}");
 }
+
+#[test]
+fn keepalives_are_answered_and_stream_errors_surface() {
+    let opts = PgClusterOptions {
+        extra_conf: vec!["wal_sender_timeout = '1s'".into()],
+        ..Default::default()
+    };
+    let pg = PgCluster::start(opts).expect("start");
+    pg.psql(
+        "postgres",
+        "create table k(id int primary key); create publication kpub for table k;",
+    )
+    .expect("setup");
+    run(async {
+        let cfg = cfg(&pg);
+
+        // An unknown slot is refused before streaming starts.
+        let repl = connect(&cfg, true).await.expect("connect");
+        let err = repl
+            .start_replication("no_such_slot", Lsn(0), &["kpub".to_owned()])
+            .await
+            .err()
+            .expect("started");
+        assert_eq!(err.code(), Some("42704"), "{err}");
+
+        // Answering reply-requested keepalives keeps the walsender (timeout 1 s) from hanging up.
+        let mut repl = connect(&cfg, true).await.expect("connect");
+        let slot = repl.create_logical_slot("kslot", true).await.expect("slot");
+        let mut stream = repl
+            .start_replication("kslot", slot.consistent_point, &["kpub".to_owned()])
+            .await
+            .expect("start");
+        let started = std::time::Instant::now();
+        let mut replies = 0;
+        while started.elapsed() < Duration::from_millis(3_000) {
+            match with_timeout("keepalive", stream.recv())
+                .await
+                .expect("stream died")
+            {
+                ReplEvent::Keepalive {
+                    wal_end,
+                    reply_requested: true,
+                    ..
+                } => {
+                    stream
+                        .send_status(wal_end, wal_end, wal_end, false)
+                        .await
+                        .expect("status");
+                    replies += 1;
+                }
+                ReplEvent::Keepalive { .. } => {}
+                ReplEvent::XLogData { data, .. } => panic!("unexpected data {:?}", decode(&data)),
+            }
+        }
+        assert!(
+            replies >= 2,
+            "only {replies} reply-requested keepalives in 3 s"
+        );
+
+        // pgoutput reports an unknown publication as an error inside the COPY stream.
+        let mut repl = connect(&cfg, true).await.expect("connect");
+        let slot = repl
+            .create_logical_slot("kslot2", true)
+            .await
+            .expect("slot");
+        let mut stream = repl
+            .start_replication("kslot2", slot.consistent_point, &["no_such_pub".to_owned()])
+            .await
+            .expect("start");
+        pg.psql("postgres", "insert into k values (1)")
+            .expect("insert");
+        let err = loop {
+            match with_timeout("stream error", stream.recv()).await {
+                Ok(ReplEvent::Keepalive { .. }) => continue,
+                Ok(ReplEvent::XLogData { data, .. }) => {
+                    panic!("unexpected data {:?}", decode(&data))
+                }
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(&err, PgError::Server { message, .. } if message.contains("no_such_pub")),
+            "{err}"
+        );
+    });
+}
