@@ -53,7 +53,9 @@ pub enum ClusterError {
     },
     #[error("initdb failed ({status}):\n{output}")]
     Initdb { status: String, output: String },
-    #[error("PostgreSQL did not accept connections within {waited_ms} ms; end of its log:\n{log_tail}")]
+    #[error(
+        "PostgreSQL did not accept connections within {waited_ms} ms; end of its log:\n{log_tail}"
+    )]
     StartTimeout { waited_ms: u64, log_tail: String },
     #[error("PostgreSQL exited during start-up ({status}); end of its log:\n{log_tail}")]
     Exited { status: String, log_tail: String },
@@ -128,13 +130,22 @@ impl PgCluster {
         ensure_include_line(&data_dir)?;
         let (socket_dir, socket_temp) = socket_dir_for(&data_dir, run_as)?;
 
-        let mut attempts_left = if opts.port.is_some() { 1 } else { PORT_ATTEMPTS_MAX };
+        let mut attempts_left = if opts.port.is_some() {
+            1
+        } else {
+            PORT_ATTEMPTS_MAX
+        };
         loop {
             let port = match opts.port {
                 Some(p) => p,
                 None => free_port()?,
             };
-            let conf = ServerConf { port, socket_dir: &socket_dir, throwaway, extra: &opts.extra_conf };
+            let conf = ServerConf {
+                port,
+                socket_dir: &socket_dir,
+                throwaway,
+                extra: &opts.extra_conf,
+            };
             write_zcache_conf(&data_dir, &conf, run_as)?;
             match spawn_server(&bins, run_as, &data_dir, &log_path, port) {
                 Ok(child) => {
@@ -180,7 +191,16 @@ impl PgCluster {
         }
         let port = self.port.to_string();
         let mut child = Command::new(&self.bins.psql)
-            .args(["-X", "-q", "-tA", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p"])
+            .args([
+                "-X",
+                "-q",
+                "-tA",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+            ])
             .args([port.as_str(), "-U", "postgres", "-d", db, "-f", "-"])
             .env("PGCONNECT_TIMEOUT", "10")
             .env_remove("PGPASSWORD")
@@ -212,13 +232,18 @@ impl PgCluster {
     }
 
     pub fn create_database(&self, name: &str) -> Result<(), ClusterError> {
-        self.psql("postgres", &format!("CREATE DATABASE {}", quote_ident(name)))?;
+        self.psql(
+            "postgres",
+            &format!("CREATE DATABASE {}", quote_ident(name)),
+        )?;
         Ok(())
     }
 
     /// Fast shutdown (SIGINT: active sessions are rolled back), escalating if it hangs.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.server.take() else { return };
+        let Some(mut child) = self.server.take() else {
+            return;
+        };
         let stopped = signal(&child, libc::SIGINT)
             && wait_with_timeout(&mut child, Duration::from_millis(FAST_STOP_TIMEOUT_MS));
         if stopped {
@@ -251,7 +276,11 @@ impl Binaries {
             .filter(|p| p.is_file())
             .or_else(|| search_path("psql").map(|d| d.join("psql")))
             .ok_or(ClusterError::NoPsql)?;
-        Ok(Binaries { initdb: bindir.join("initdb"), postgres: bindir.join("postgres"), psql })
+        Ok(Binaries {
+            initdb: bindir.join("initdb"),
+            postgres: bindir.join("postgres"),
+            psql,
+        })
     }
 }
 
@@ -298,7 +327,9 @@ fn server_user() -> Result<Option<OsUser>, ClusterError> {
     if unsafe { libc::geteuid() } != 0 {
         return Ok(None);
     }
-    lookup_user("postgres").map(Some).ok_or(ClusterError::NoPostgresUser)
+    lookup_user("postgres")
+        .map(Some)
+        .ok_or(ClusterError::NoPostgresUser)
 }
 
 fn lookup_user(name: &str) -> Option<OsUser> {
@@ -309,18 +340,29 @@ fn lookup_user(name: &str) -> Option<OsUser> {
         let mut pwd: libc::passwd = std::mem::zeroed();
         let mut buf = vec![0 as libc::c_char; 16 * 1024];
         let mut result: *mut libc::passwd = std::ptr::null_mut();
-        let rc = libc::getpwnam_r(cname.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result);
+        let rc = libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        );
         if rc != 0 || result.is_null() {
             return None;
         }
-        Some(OsUser { uid: pwd.pw_uid, gid: pwd.pw_gid })
+        Some(OsUser {
+            uid: pwd.pw_uid,
+            gid: pwd.pw_gid,
+        })
     }
 }
 
 fn chown_to(run_as: Option<OsUser>, path: &Path) -> Result<(), ClusterError> {
     if let Some(u) = run_as {
-        std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid))
-            .map_err(io_err(format!("giving {} to the postgres user", path.display())))?;
+        std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid)).map_err(io_err(format!(
+            "giving {} to the postgres user",
+            path.display()
+        )))?;
     }
     Ok(())
 }
@@ -358,18 +400,28 @@ fn initdb(
         chown_to(run_as, data_dir)?;
     }
     let mut cmd = Command::new(&bins.initdb);
-    cmd.arg("-D")
-        .arg(data_dir)
-        .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C"]);
+    cmd.arg("-D").arg(data_dir).args([
+        "-U",
+        "postgres",
+        "--auth=trust",
+        "-E",
+        "UTF8",
+        "--locale=C",
+    ]);
     if throwaway {
         cmd.arg("--no-sync");
     }
     as_server_user(&mut cmd, run_as);
-    let out = cmd.output().map_err(io_err(format!("running {}", bins.initdb.display())))?;
+    let out = cmd
+        .output()
+        .map_err(io_err(format!("running {}", bins.initdb.display())))?;
     if !out.status.success() {
         let mut output = String::from_utf8_lossy(&out.stdout).into_owned();
         output.push_str(&String::from_utf8_lossy(&out.stderr));
-        return Err(ClusterError::Initdb { status: out.status.to_string(), output });
+        return Err(ClusterError::Initdb {
+            status: out.status.to_string(),
+            output,
+        });
     }
     Ok(())
 }
@@ -386,8 +438,11 @@ fn ensure_include_line(data_dir: &Path) -> Result<(), ClusterError> {
         .append(true)
         .open(&path)
         .map_err(io_err(format!("opening {}", path.display())))?;
-    writeln!(file, "\n# zcache: settings of the embedded cluster, rewritten at every start\n{INCLUDE_LINE}")
-        .map_err(io_err(format!("writing {}", path.display())))
+    writeln!(
+        file,
+        "\n# zcache: settings of the embedded cluster, rewritten at every start\n{INCLUDE_LINE}"
+    )
+    .map_err(io_err(format!("writing {}", path.display())))
 }
 
 struct ServerConf<'a> {
@@ -443,7 +498,9 @@ fn socket_dir_for(
 fn free_port() -> Result<u16, ClusterError> {
     let listener =
         std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err("finding a free port"))?;
-    let addr = listener.local_addr().map_err(io_err("finding a free port"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(io_err("finding a free port"))?;
     Ok(addr.port())
 }
 
@@ -467,9 +524,16 @@ fn spawn_server(
         .map_err(io_err(format!("opening {}", log_path.display())))
         .map_err(fail)?;
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
-    let log_err = log.try_clone().map_err(io_err("duplicating the log file")).map_err(fail)?;
+    let log_err = log
+        .try_clone()
+        .map_err(io_err("duplicating the log file"))
+        .map_err(fail)?;
     let mut cmd = Command::new(&bins.postgres);
-    cmd.arg("-D").arg(data_dir).stdin(Stdio::null()).stdout(log).stderr(log_err);
+    cmd.arg("-D")
+        .arg(data_dir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
     as_server_user(&mut cmd, run_as);
     let mut child = cmd
         .spawn()
@@ -480,14 +544,24 @@ fn spawn_server(
         Err(Waited::Exited(status)) => {
             let log_tail = read_log_tail(log_path, log_start);
             let port_in_use = log_tail.contains("Address already in use");
-            let err = ClusterError::Exited { status: status.to_string(), log_tail };
-            Err(if port_in_use { StartFailure::PortInUse(err) } else { StartFailure::Other(err) })
+            let err = ClusterError::Exited {
+                status: status.to_string(),
+                log_tail,
+            };
+            Err(if port_in_use {
+                StartFailure::PortInUse(err)
+            } else {
+                StartFailure::Other(err)
+            })
         }
         Err(Waited::TimedOut) => {
             let _ = child.kill();
             let _ = child.wait();
             let log_tail = read_log_tail(log_path, log_start);
-            Err(fail(ClusterError::StartTimeout { waited_ms: START_TIMEOUT_MS, log_tail }))
+            Err(fail(ClusterError::StartTimeout {
+                waited_ms: START_TIMEOUT_MS,
+                log_tail,
+            }))
         }
         Err(Waited::Io(e)) => {
             let _ = child.kill();
@@ -509,7 +583,10 @@ fn wait_ready(child: &mut Child, data_dir: &Path, port: u16) -> Result<(), Waite
     let deadline = Instant::now() + Duration::from_millis(START_TIMEOUT_MS);
     let pid_path = data_dir.join("postmaster.pid");
     loop {
-        if let Some(status) = child.try_wait().map_err(|e| Waited::Io(io_err("waiting for postgres")(e)))? {
+        if let Some(status) = child
+            .try_wait()
+            .map_err(|e| Waited::Io(io_err("waiting for postgres")(e)))?
+        {
             return Err(Waited::Exited(status));
         }
         if let Ok(text) = fs::read_to_string(&pid_path) {
@@ -535,7 +612,9 @@ fn pid_file_says_ready(text: &str, pid: u32, port: u16) -> bool {
 }
 
 fn read_log_tail(path: &Path, from: u64) -> String {
-    let Ok(mut file) = fs::File::open(path) else { return String::new() };
+    let Ok(mut file) = fs::File::open(path) else {
+        return String::new();
+    };
     let len = file.metadata().map(|m| m.len()).unwrap_or(0);
     let start = from.max(len.saturating_sub(LOG_TAIL_BYTES_MAX as u64));
     let mut buf = Vec::new();
@@ -546,7 +625,9 @@ fn read_log_tail(path: &Path, from: u64) -> String {
 }
 
 fn signal(child: &Child, sig: libc::c_int) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(child.id()) else { return false };
+    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
+        return false;
+    };
     // SAFETY: kill has no memory-safety preconditions; the pid is our own unreaped child, so it
     // cannot have been recycled for another process.
     unsafe { libc::kill(pid, sig) == 0 }
@@ -577,7 +658,11 @@ mod tests {
         assert!(pid_file_says_ready(ready, 42, 5433));
         assert!(!pid_file_says_ready(ready, 43, 5433));
         assert!(!pid_file_says_ready(ready, 42, 5434));
-        assert!(!pid_file_says_ready(&ready.replace("ready", "starting"), 42, 5433));
+        assert!(!pid_file_says_ready(
+            &ready.replace("ready", "starting"),
+            42,
+            5433
+        ));
         assert!(!pid_file_says_ready("42\n/d\n", 42, 5433));
     }
 

@@ -24,6 +24,8 @@ use super::url::ConnConfig;
 
 /// Largest backend message accepted: a 1 GiB field (Postgres's own limit) plus framing.
 pub const MESSAGE_BYTES_MAX_DEFAULT: usize = (1 << 30) + (64 << 10);
+/// How long one TCP connection attempt may take (per resolved address).
+const CONNECT_TIMEOUT_MS: u64 = 10_000;
 /// Bytes read from the socket per read call.
 const READ_CHUNK_BYTES: usize = 64 << 10;
 /// Frame header: tag byte plus a 4-byte length that counts itself.
@@ -75,17 +77,24 @@ pub async fn connect(
     let target = format!("{}:{}", cfg.host, cfg.port);
     let addrs: Vec<_> = (cfg.host.as_str(), cfg.port)
         .to_socket_addrs()
-        .map_err(|source| PgError::Connect { addr: target.clone(), source })?
+        .map_err(|source| PgError::Connect {
+            addr: target.clone(),
+            source,
+        })?
         .collect();
     let mut last_err = None;
     for addr in addrs {
-        match glommio::net::TcpStream::connect(addr).await {
+        let timeout = std::time::Duration::from_millis(CONNECT_TIMEOUT_MS);
+        match glommio::net::TcpStream::connect_timeout(addr, timeout).await {
             Ok(stream) => {
                 stream.set_nodelay(true).map_err(std::io::Error::from)?;
                 return PgConn::startup(stream, cfg, replication).await;
             }
             Err(e) => {
-                last_err = Some(PgError::Connect { addr: addr.to_string(), source: e.into() })
+                last_err = Some(PgError::Connect {
+                    addr: addr.to_string(),
+                    source: e.into(),
+                })
             }
         }
     }
@@ -145,6 +154,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PgConn<S> {
         self.replication
     }
 
+    /// Bytes received but not yet consumed as whole messages.
+    pub fn buffered_bytes(&self) -> usize {
+        self.read_buf.len()
+    }
+
     pub fn set_message_bytes_max(&mut self, bytes: usize) {
         self.message_bytes_max = bytes;
     }
@@ -171,19 +185,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PgConn<S> {
                 Message::DataRow(body) => parse_row(&body).map(|r| rows.push(r)),
                 Message::CommandComplete(body) => command_tag(body.tag()).map(|tag| {
                     let columns = std::mem::take(&mut columns);
-                    results.push(QueryResult { columns, rows: std::mem::take(&mut rows), tag });
+                    results.push(QueryResult {
+                        columns,
+                        rows: std::mem::take(&mut rows),
+                        tag,
+                    });
                 }),
                 Message::EmptyQueryResponse | Message::CopyData(_) | Message::CopyDone => Ok(()),
                 Message::ErrorResponse(body) => Err(server_error(&body)),
                 Message::CopyInResponse(_) => self.refuse_copy_in().await,
-                Message::CopyOutResponse(_) => {
-                    Err(PgError::protocol("COPY TO STDOUT needs copy_out, not simple_query"))
-                }
+                Message::CopyOutResponse(_) => Err(PgError::protocol(
+                    "COPY TO STDOUT needs copy_out, not simple_query",
+                )),
                 Message::ReadyForQuery(_) => {
                     self.busy = false;
                     return failure.map_or(Ok(results), Err);
                 }
-                _ => Err(PgError::protocol("unexpected message in a simple query response")),
+                _ => Err(PgError::protocol(
+                    "unexpected message in a simple query response",
+                )),
             };
             if let Err(e) = step {
                 failure.get_or_insert(e);
@@ -222,9 +242,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PgConn<S> {
                 Message::RowDescription(_)
                 | Message::DataRow(_)
                 | Message::CommandComplete(_)
-                | Message::EmptyQueryResponse => {
-                    Err(PgError::protocol("copy_out needs a COPY ... TO STDOUT statement"))
-                }
+                | Message::EmptyQueryResponse => Err(PgError::protocol(
+                    "copy_out needs a COPY ... TO STDOUT statement",
+                )),
                 Message::ErrorResponse(body) => Err(server_error(&body)),
                 Message::CopyInResponse(_) => self.refuse_copy_in().await,
                 Message::ReadyForQuery(_) => {
@@ -294,14 +314,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PgConn<S> {
                     return Err(unsupported("GSSAPI"))
                 }
                 Message::AuthenticationSspi => return Err(unsupported("SSPI")),
-                _ => return Err(PgError::protocol("unexpected message during authentication")),
+                _ => {
+                    return Err(PgError::protocol(
+                        "unexpected message during authentication",
+                    ))
+                }
             }
         }
     }
 
     /// SCRAM-SHA-256 without channel binding (we do not speak TLS). On return the server's
     /// signature has been verified; AuthenticationOk follows.
-    async fn scram(&mut self, cfg: &ConnConfig, body: &AuthenticationSaslBody) -> Result<(), PgError> {
+    async fn scram(
+        &mut self,
+        cfg: &ConnConfig,
+        body: &AuthenticationSaslBody,
+    ) -> Result<(), PgError> {
         let mut mechanisms = Vec::new();
         let mut iter = body.mechanisms();
         while let Some(m) = iter.next().map_err(|e| PgError::protocol(e.to_string()))? {
@@ -382,14 +410,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PgConn<S> {
     }
 
     fn take_frame(&mut self) -> Result<Option<BytesMut>, PgError> {
-        let Some(header) = self.read_buf.get(..FRAME_HEADER_BYTES) else { return Ok(None) };
+        let Some(header) = self.read_buf.get(..FRAME_HEADER_BYTES) else {
+            return Ok(None);
+        };
         let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
         if len < 4 {
-            return Err(PgError::protocol(format!("message length {len} is below 4")));
+            return Err(PgError::protocol(format!(
+                "message length {len} is below 4"
+            )));
         }
         let total = len + 1;
         if total > self.message_bytes_max {
-            return Err(PgError::MessageTooLarge { len: total, max: self.message_bytes_max });
+            return Err(PgError::MessageTooLarge {
+                len: total,
+                max: self.message_bytes_max,
+            });
         }
         if self.read_buf.len() < total {
             return Ok(None);
@@ -448,7 +483,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PgConn<S> {
 
 fn need_password(cfg: &ConnConfig) -> Result<&str, PgError> {
     cfg.password.as_deref().ok_or_else(|| {
-        PgError::Auth(format!("the server wants a password for user {:?} and none was given", cfg.user))
+        PgError::Auth(format!(
+            "the server wants a password for user {:?} and none was given",
+            cfg.user
+        ))
     })
 }
 
@@ -461,7 +499,8 @@ fn copy_both_unexpected() -> PgError {
 }
 
 fn command_tag(tag: std::io::Result<&str>) -> Result<String, PgError> {
-    tag.map(str::to_owned).map_err(|e| PgError::protocol(e.to_string()))
+    tag.map(str::to_owned)
+        .map_err(|e| PgError::protocol(e.to_string()))
 }
 
 fn parse_columns(body: &RowDescriptionBody) -> Result<Vec<(String, u32)>, PgError> {
@@ -473,12 +512,17 @@ fn parse_columns(body: &RowDescriptionBody) -> Result<Vec<(String, u32)>, PgErro
 
 fn parse_row(body: &DataRowBody) -> Result<Vec<Option<String>>, PgError> {
     let buf = body.buffer();
-    let ranges: Vec<_> = body.ranges().collect().map_err(|e| PgError::protocol(e.to_string()))?;
+    let ranges: Vec<_> = body
+        .ranges()
+        .collect()
+        .map_err(|e| PgError::protocol(e.to_string()))?;
     ranges
         .into_iter()
         .map(|range| {
             let Some(range) = range else { return Ok(None) };
-            let bytes = buf.get(range).ok_or_else(|| PgError::protocol("field out of bounds"))?;
+            let bytes = buf
+                .get(range)
+                .ok_or_else(|| PgError::protocol("field out of bounds"))?;
             let text = std::str::from_utf8(bytes)
                 .map_err(|_| PgError::protocol("a text-format field is not UTF-8"))?;
             Ok(Some(text.to_owned()))
@@ -514,5 +558,10 @@ fn fields_of(iter: &mut postgres_protocol::message::backend::ErrorFields<'_>) ->
 
 pub(crate) fn server_error(body: &ErrorResponseBody) -> PgError {
     let f = fields_of(&mut body.fields());
-    PgError::Server { severity: f.severity, code: f.code, message: f.message, detail: f.detail }
+    PgError::Server {
+        severity: f.severity,
+        code: f.code,
+        message: f.message,
+        detail: f.detail,
+    }
 }

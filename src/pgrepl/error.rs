@@ -49,7 +49,11 @@ struct ServerDisplay<'a> {
 
 impl fmt::Display for ServerDisplay<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Postgres {} {}: {}", self.severity, self.code, self.message)?;
+        write!(
+            f,
+            "Postgres {} {}: {}",
+            self.severity, self.code, self.message
+        )?;
         if let Some(detail) = self.detail {
             write!(f, " ({detail})")?;
         }

@@ -27,7 +27,8 @@ impl FromStr for Lsn {
         let err = || ParseLsnError(s.to_owned());
         let (hi, lo) = s.split_once('/').ok_or_else(err)?;
         let half = |part: &str| {
-            let ok = !part.is_empty() && part.len() <= 8 && part.bytes().all(|b| b.is_ascii_hexdigit());
+            let ok =
+                !part.is_empty() && part.len() <= 8 && part.bytes().all(|b| b.is_ascii_hexdigit());
             ok.then(|| u32::from_str_radix(part, 16).ok()).flatten()
         };
         let (hi, lo) = (half(hi).ok_or_else(err)?, half(lo).ok_or_else(err)?);
@@ -50,7 +51,18 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        for bad in ["", "/", "1/", "/1", "1", "1/2/3", "g/1", "1/123456789", "+1/2", "1 /2"] {
+        for bad in [
+            "",
+            "/",
+            "1/",
+            "/1",
+            "1",
+            "1/2/3",
+            "g/1",
+            "1/123456789",
+            "+1/2",
+            "1 /2",
+        ] {
             assert!(bad.parse::<Lsn>().is_err(), "{bad:?}");
         }
     }

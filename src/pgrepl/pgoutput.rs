@@ -15,16 +15,50 @@ pub const TRUNCATE_RESTART_IDENTITY: u8 = 2;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PgOutput {
-    Begin { final_lsn: Lsn, commit_time_us: i64, xid: u32 },
-    Commit { flags: u8, commit_lsn: Lsn, end_lsn: Lsn, commit_time_us: i64 },
-    Origin { lsn: Lsn, name: String },
+    Begin {
+        final_lsn: Lsn,
+        commit_time_us: i64,
+        xid: u32,
+    },
+    Commit {
+        flags: u8,
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_time_us: i64,
+    },
+    Origin {
+        lsn: Lsn,
+        name: String,
+    },
     Relation(Relation),
-    Type { oid: u32, namespace: String, name: String },
-    Insert { relation_oid: u32, new: Vec<TupleValue> },
-    Update { relation_oid: u32, old: Option<OldTuple>, new: Vec<TupleValue> },
-    Delete { relation_oid: u32, old: OldTuple },
-    Truncate { options: u8, relation_oids: Vec<u32> },
-    Message { transactional: bool, lsn: Lsn, prefix: String, content: Bytes },
+    Type {
+        oid: u32,
+        namespace: String,
+        name: String,
+    },
+    Insert {
+        relation_oid: u32,
+        new: Vec<TupleValue>,
+    },
+    Update {
+        relation_oid: u32,
+        old: Option<OldTuple>,
+        new: Vec<TupleValue>,
+    },
+    Delete {
+        relation_oid: u32,
+        old: OldTuple,
+    },
+    Truncate {
+        options: u8,
+        relation_oids: Vec<u32>,
+    },
+    Message {
+        transactional: bool,
+        lsn: Lsn,
+        prefix: String,
+        content: Bytes,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,7 +147,10 @@ pub fn decode_bytes(data: &Bytes) -> Result<PgOutput, DecodeError> {
             end_lsn: r.lsn("Commit end LSN")?,
             commit_time_us: r.i64("Commit time")?,
         },
-        b'O' => PgOutput::Origin { lsn: r.lsn("Origin LSN")?, name: r.cstr("Origin name")? },
+        b'O' => PgOutput::Origin {
+            lsn: r.lsn("Origin LSN")?,
+            name: r.cstr("Origin name")?,
+        },
         b'R' => PgOutput::Relation(relation(&mut r)?),
         b'Y' => PgOutput::Type {
             oid: r.u32("Type OID")?,
@@ -123,13 +160,22 @@ pub fn decode_bytes(data: &Bytes) -> Result<PgOutput, DecodeError> {
         b'I' => {
             let relation_oid = r.u32("Insert relation OID")?;
             r.expect(b'N', "Insert new-tuple marker")?;
-            PgOutput::Insert { relation_oid, new: tuple(&mut r)? }
+            PgOutput::Insert {
+                relation_oid,
+                new: tuple(&mut r)?,
+            }
         }
         b'U' => update(&mut r)?,
         b'D' => {
             let relation_oid = r.u32("Delete relation OID")?;
             let kind = old_kind(r.u8("Delete old-tuple marker")?, "Delete old-tuple marker")?;
-            PgOutput::Delete { relation_oid, old: OldTuple { kind, values: tuple(&mut r)? } }
+            PgOutput::Delete {
+                relation_oid,
+                old: OldTuple {
+                    kind,
+                    values: tuple(&mut r)?,
+                },
+            }
         }
         b'T' => truncate(&mut r)?,
         b'M' => PgOutput::Message {
@@ -165,7 +211,13 @@ fn relation(r: &mut Reader<'_>) -> Result<Relation, DecodeError> {
             type_modifier: r.i32("column type modifier")?,
         });
     }
-    Ok(Relation { oid, namespace, name, replica_identity, columns })
+    Ok(Relation {
+        oid,
+        namespace,
+        name,
+        replica_identity,
+        columns,
+    })
 }
 
 fn update(r: &mut Reader<'_>) -> Result<PgOutput, DecodeError> {
@@ -174,13 +226,23 @@ fn update(r: &mut Reader<'_>) -> Result<PgOutput, DecodeError> {
     let mut old = None;
     if marker != b'N' {
         let kind = old_kind(marker, "Update tuple marker")?;
-        old = Some(OldTuple { kind, values: tuple(r)? });
+        old = Some(OldTuple {
+            kind,
+            values: tuple(r)?,
+        });
         marker = r.u8("Update new-tuple marker")?;
     }
     if marker != b'N' {
-        return Err(DecodeError::BadMarker { what: "Update new-tuple marker", marker });
+        return Err(DecodeError::BadMarker {
+            what: "Update new-tuple marker",
+            marker,
+        });
     }
-    Ok(PgOutput::Update { relation_oid, old, new: tuple(r)? })
+    Ok(PgOutput::Update {
+        relation_oid,
+        old,
+        new: tuple(r)?,
+    })
 }
 
 fn truncate(r: &mut Reader<'_>) -> Result<PgOutput, DecodeError> {
@@ -189,8 +251,13 @@ fn truncate(r: &mut Reader<'_>) -> Result<PgOutput, DecodeError> {
     if count.saturating_mul(4) > r.remaining() {
         return Err(DecodeError::Truncated("Truncate relation OIDs"));
     }
-    let relation_oids = (0..count).map(|_| r.u32("Truncate relation OID")).collect::<Result<_, _>>()?;
-    Ok(PgOutput::Truncate { options, relation_oids })
+    let relation_oids = (0..count)
+        .map(|_| r.u32("Truncate relation OID"))
+        .collect::<Result<_, _>>()?;
+    Ok(PgOutput::Truncate {
+        options,
+        relation_oids,
+    })
 }
 
 fn old_kind(marker: u8, what: &'static str) -> Result<OldKind, DecodeError> {
@@ -217,7 +284,12 @@ fn tuple(r: &mut Reader<'_>) -> Result<Vec<TupleValue>, DecodeError> {
                 let len = r.len_i32("binary value length")?;
                 TupleValue::Binary(r.bytes(len, "binary value")?)
             }
-            marker => return Err(DecodeError::BadMarker { what: "tuple value kind", marker }),
+            marker => {
+                return Err(DecodeError::BadMarker {
+                    what: "tuple value kind",
+                    marker,
+                })
+            }
         };
         values.push(value);
     }
@@ -272,12 +344,18 @@ impl Reader<'_> {
 
     fn len_i16(&mut self, what: &'static str) -> Result<usize, DecodeError> {
         let v = i16::from_be_bytes(self.take(what)?);
-        usize::try_from(v).map_err(|_| DecodeError::Negative { what, value: v.into() })
+        usize::try_from(v).map_err(|_| DecodeError::Negative {
+            what,
+            value: v.into(),
+        })
     }
 
     fn len_i32(&mut self, what: &'static str) -> Result<usize, DecodeError> {
         let v = self.i32(what)?;
-        usize::try_from(v).map_err(|_| DecodeError::Negative { what, value: v.into() })
+        usize::try_from(v).map_err(|_| DecodeError::Negative {
+            what,
+            value: v.into(),
+        })
     }
 
     fn bytes(&mut self, len: usize, what: &'static str) -> Result<Bytes, DecodeError> {
@@ -291,7 +369,10 @@ impl Reader<'_> {
 
     fn cstr(&mut self, what: &'static str) -> Result<String, DecodeError> {
         let rest = &self.data[self.pos..];
-        let nul = rest.iter().position(|b| *b == 0).ok_or(DecodeError::Truncated(what))?;
+        let nul = rest
+            .iter()
+            .position(|b| *b == 0)
+            .ok_or(DecodeError::Truncated(what))?;
         let s = std::str::from_utf8(&rest[..nul]).map_err(|_| DecodeError::InvalidUtf8(what))?;
         self.pos += nul + 1;
         Ok(s.to_owned())
@@ -311,13 +392,22 @@ mod tests {
             out.push(0);
         };
         match msg {
-            PgOutput::Begin { final_lsn, commit_time_us, xid } => {
+            PgOutput::Begin {
+                final_lsn,
+                commit_time_us,
+                xid,
+            } => {
                 out.push(b'B');
                 out.extend_from_slice(&final_lsn.0.to_be_bytes());
                 out.extend_from_slice(&commit_time_us.to_be_bytes());
                 out.extend_from_slice(&xid.to_be_bytes());
             }
-            PgOutput::Commit { flags, commit_lsn, end_lsn, commit_time_us } => {
+            PgOutput::Commit {
+                flags,
+                commit_lsn,
+                end_lsn,
+                commit_time_us,
+            } => {
                 out.push(b'C');
                 out.push(*flags);
                 out.extend_from_slice(&commit_lsn.0.to_be_bytes());
@@ -343,7 +433,11 @@ mod tests {
                     out.extend_from_slice(&c.type_modifier.to_be_bytes());
                 }
             }
-            PgOutput::Type { oid, namespace, name } => {
+            PgOutput::Type {
+                oid,
+                namespace,
+                name,
+            } => {
                 out.push(b'Y');
                 out.extend_from_slice(&oid.to_be_bytes());
                 cstr(&mut out, namespace);
@@ -355,7 +449,11 @@ mod tests {
                 out.push(b'N');
                 encode_tuple(&mut out, new);
             }
-            PgOutput::Update { relation_oid, old, new } => {
+            PgOutput::Update {
+                relation_oid,
+                old,
+                new,
+            } => {
                 out.push(b'U');
                 out.extend_from_slice(&relation_oid.to_be_bytes());
                 if let Some(old) = old {
@@ -369,7 +467,10 @@ mod tests {
                 out.extend_from_slice(&relation_oid.to_be_bytes());
                 encode_old(&mut out, old);
             }
-            PgOutput::Truncate { options, relation_oids } => {
+            PgOutput::Truncate {
+                options,
+                relation_oids,
+            } => {
                 out.push(b'T');
                 out.extend_from_slice(&(relation_oids.len() as i32).to_be_bytes());
                 out.push(*options);
@@ -377,7 +478,12 @@ mod tests {
                     out.extend_from_slice(&oid.to_be_bytes());
                 }
             }
-            PgOutput::Message { transactional, lsn, prefix, content } => {
+            PgOutput::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => {
                 out.push(b'M');
                 out.push(u8::from(*transactional));
                 out.extend_from_slice(&lsn.0.to_be_bytes());
@@ -404,7 +510,11 @@ mod tests {
                 TupleValue::Null => out.push(b'n'),
                 TupleValue::UnchangedToast => out.push(b'u'),
                 TupleValue::Text(b) | TupleValue::Binary(b) => {
-                    out.push(if matches!(v, TupleValue::Text(_)) { b't' } else { b'b' });
+                    out.push(if matches!(v, TupleValue::Text(_)) {
+                        b't'
+                    } else {
+                        b'b'
+                    });
                     out.extend_from_slice(&(b.len() as i32).to_be_bytes());
                     out.extend_from_slice(b);
                 }
@@ -435,40 +545,92 @@ mod tests {
     }
 
     fn old() -> impl Strategy<Value = OldTuple> {
-        (prop_oneof![Just(OldKind::Key), Just(OldKind::Full)], values())
+        (
+            prop_oneof![Just(OldKind::Key), Just(OldKind::Full)],
+            values(),
+        )
             .prop_map(|(kind, values)| OldTuple { kind, values })
     }
 
     fn message() -> impl Strategy<Value = PgOutput> {
-        let column = (any::<u8>(), name(), any::<u32>(), any::<i32>())
-            .prop_map(|(flags, name, type_oid, type_modifier)| RelColumn { flags, name, type_oid, type_modifier });
-        let relation = (any::<u32>(), name(), name(), any::<u8>(), proptest::collection::vec(column, 0..6))
+        let column = (any::<u8>(), name(), any::<u32>(), any::<i32>()).prop_map(
+            |(flags, name, type_oid, type_modifier)| RelColumn {
+                flags,
+                name,
+                type_oid,
+                type_modifier,
+            },
+        );
+        let relation = (
+            any::<u32>(),
+            name(),
+            name(),
+            any::<u8>(),
+            proptest::collection::vec(column, 0..6),
+        )
             .prop_map(|(oid, namespace, name, replica_identity, columns)| {
-                PgOutput::Relation(Relation { oid, namespace, name, replica_identity, columns })
+                PgOutput::Relation(Relation {
+                    oid,
+                    namespace,
+                    name,
+                    replica_identity,
+                    columns,
+                })
             });
         prop_oneof![
-            (lsn(), any::<i64>(), any::<u32>())
-                .prop_map(|(final_lsn, commit_time_us, xid)| PgOutput::Begin { final_lsn, commit_time_us, xid }),
-            (any::<u8>(), lsn(), lsn(), any::<i64>()).prop_map(|(flags, commit_lsn, end_lsn, commit_time_us)| {
-                PgOutput::Commit { flags, commit_lsn, end_lsn, commit_time_us }
+            (lsn(), any::<i64>(), any::<u32>()).prop_map(|(final_lsn, commit_time_us, xid)| {
+                PgOutput::Begin {
+                    final_lsn,
+                    commit_time_us,
+                    xid,
+                }
             }),
+            (any::<u8>(), lsn(), lsn(), any::<i64>()).prop_map(
+                |(flags, commit_lsn, end_lsn, commit_time_us)| {
+                    PgOutput::Commit {
+                        flags,
+                        commit_lsn,
+                        end_lsn,
+                        commit_time_us,
+                    }
+                }
+            ),
             (lsn(), name()).prop_map(|(lsn, name)| PgOutput::Origin { lsn, name }),
             relation,
-            (any::<u32>(), name(), name()).prop_map(|(oid, namespace, name)| PgOutput::Type { oid, namespace, name }),
-            (any::<u32>(), values()).prop_map(|(relation_oid, new)| PgOutput::Insert { relation_oid, new }),
-            (any::<u32>(), proptest::option::of(old()), values())
-                .prop_map(|(relation_oid, old, new)| PgOutput::Update { relation_oid, old, new }),
-            (any::<u32>(), old()).prop_map(|(relation_oid, old)| PgOutput::Delete { relation_oid, old }),
-            (any::<u8>(), proptest::collection::vec(any::<u32>(), 0..6))
-                .prop_map(|(options, relation_oids)| PgOutput::Truncate { options, relation_oids }),
-            (any::<bool>(), lsn(), name(), proptest::collection::vec(any::<u8>(), 0..40)).prop_map(
-                |(transactional, lsn, prefix, content)| PgOutput::Message {
+            (any::<u32>(), name(), name()).prop_map(|(oid, namespace, name)| PgOutput::Type {
+                oid,
+                namespace,
+                name
+            }),
+            (any::<u32>(), values())
+                .prop_map(|(relation_oid, new)| PgOutput::Insert { relation_oid, new }),
+            (any::<u32>(), proptest::option::of(old()), values()).prop_map(
+                |(relation_oid, old, new)| PgOutput::Update {
+                    relation_oid,
+                    old,
+                    new
+                }
+            ),
+            (any::<u32>(), old())
+                .prop_map(|(relation_oid, old)| PgOutput::Delete { relation_oid, old }),
+            (any::<u8>(), proptest::collection::vec(any::<u32>(), 0..6)).prop_map(
+                |(options, relation_oids)| PgOutput::Truncate {
+                    options,
+                    relation_oids
+                }
+            ),
+            (
+                any::<bool>(),
+                lsn(),
+                name(),
+                proptest::collection::vec(any::<u8>(), 0..40)
+            )
+                .prop_map(|(transactional, lsn, prefix, content)| PgOutput::Message {
                     transactional,
                     lsn,
                     prefix,
                     content: Bytes::from(content)
-                }
-            ),
+                }),
         ]
     }
 
@@ -523,7 +685,10 @@ mod tests {
         let mut data = vec![b'T'];
         data.extend_from_slice(&i32::MAX.to_be_bytes());
         data.push(0);
-        assert_eq!(decode(&data), Err(DecodeError::Truncated("Truncate relation OIDs")));
+        assert_eq!(
+            decode(&data),
+            Err(DecodeError::Truncated("Truncate relation OIDs"))
+        );
         // Insert claiming 32767 columns, with none present.
         let mut data = vec![b'I', 0, 0, 0, 1, b'N'];
         data.extend_from_slice(&i16::MAX.to_be_bytes());

@@ -33,8 +33,17 @@ pub struct SlotCreated {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplEvent {
-    XLogData { wal_start: Lsn, wal_end: Lsn, server_time_us: i64, data: Bytes },
-    Keepalive { wal_end: Lsn, server_time_us: i64, reply_requested: bool },
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        server_time_us: i64,
+        data: Bytes,
+    },
+    Keepalive {
+        wal_end: Lsn,
+        server_time_us: i64,
+        reply_requested: bool,
+    },
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> PgConn<S> {
@@ -59,13 +68,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PgConn<S> {
             .iter()
             .find_map(|r| r.rows.first())
             .ok_or_else(|| PgError::protocol("CREATE_REPLICATION_SLOT returned no row"))?;
-        let point = row
-            .get(1)
-            .and_then(|v| v.as_deref())
-            .ok_or_else(|| PgError::protocol("CREATE_REPLICATION_SLOT returned no consistent_point"))?;
-        let consistent_point = point.parse().map_err(|e| PgError::protocol(format!("{e}")))?;
+        let point = row.get(1).and_then(|v| v.as_deref()).ok_or_else(|| {
+            PgError::protocol("CREATE_REPLICATION_SLOT returned no consistent_point")
+        })?;
+        let consistent_point = point
+            .parse()
+            .map_err(|e| PgError::protocol(format!("{e}")))?;
         let snapshot_name = row.get(2).cloned().flatten();
-        Ok(SlotCreated { consistent_point, snapshot_name })
+        Ok(SlotCreated {
+            consistent_point,
+            snapshot_name,
+        })
     }
 
     /// `START_REPLICATION SLOT slot LOGICAL start (proto_version '1', publication_names ...,
@@ -79,7 +92,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PgConn<S> {
         self.require_replication()?;
         check_slot_name(slot)?;
         if publications.is_empty() {
-            return Err(PgError::protocol("start_replication needs at least one publication"));
+            return Err(PgError::protocol(
+                "start_replication needs at least one publication",
+            ));
         }
         let sql = format!(
             "START_REPLICATION SLOT {slot} LOGICAL {start} (proto_version '1', \
@@ -101,7 +116,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PgConn<S> {
                     }));
                 }
                 Backend::Msg(_) => {
-                    failure.get_or_insert(PgError::protocol("unexpected reply to START_REPLICATION"));
+                    failure
+                        .get_or_insert(PgError::protocol("unexpected reply to START_REPLICATION"));
                 }
             }
         }
@@ -111,7 +127,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PgConn<S> {
         if self.is_replication() {
             Ok(())
         } else {
-            Err(PgError::protocol("this needs a replication connection (connect with replication=true)"))
+            Err(PgError::protocol(
+                "this needs a replication connection (connect with replication=true)",
+            ))
         }
     }
 }
@@ -135,6 +153,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ReplicationStream<S> {
         }
     }
 
+    /// Bytes received but not yet returned as whole events (a partial message, say).
+    pub fn buffered_bytes(&self) -> usize {
+        self.conn.buffered_bytes()
+    }
+
     fn event_of(&mut self, frame: BytesMut) -> Result<Option<ReplEvent>, PgError> {
         if frame.first() == Some(&b'd') {
             let payload = frame.freeze().slice(FRAME_HEADER_BYTES..);
@@ -144,7 +167,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ReplicationStream<S> {
             None => Ok(None),
             Some(Backend::Msg(Message::ErrorResponse(body))) => Err(server_error(&body)),
             Some(Backend::Msg(Message::CopyDone)) => Err(PgError::Closed),
-            Some(_) => Err(PgError::protocol("unexpected message in the replication stream")),
+            Some(_) => Err(PgError::protocol(
+                "unexpected message in the replication stream",
+            )),
         }
     }
 
@@ -158,7 +183,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ReplicationStream<S> {
         applied: Lsn,
         reply_requested: bool,
     ) -> Result<(), PgError> {
-        debug_assert!(flushed <= written, "flushed {flushed} is beyond written {written}");
+        debug_assert!(
+            flushed <= written,
+            "flushed {flushed} is beyond written {written}"
+        );
         let mut payload = [0u8; 1 + 8 + 8 + 8 + 8 + 1];
         payload[0] = b'r';
         payload[1..9].copy_from_slice(&written.0.to_be_bytes());
@@ -204,14 +232,18 @@ fn parse_copy_payload(payload: Bytes) -> Result<ReplEvent, PgError> {
             char::from(*tag),
             payload.len()
         ))),
-        None => Err(PgError::protocol("empty CopyData in the replication stream")),
+        None => Err(PgError::protocol(
+            "empty CopyData in the replication stream",
+        )),
     }
 }
 
 fn check_slot_name(slot: &str) -> Result<(), PgError> {
     let ok = !slot.is_empty()
         && slot.len() <= SLOT_NAME_BYTES_MAX
-        && slot.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        && slot
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
     if ok {
         Ok(())
     } else {
@@ -241,7 +273,10 @@ mod tests {
     #[test]
     fn publication_names_are_quoted() {
         let pubs = vec!["a".to_owned(), "b\"c".to_owned(), "it's".to_owned()];
-        assert_eq!(quote_literal(&publication_list(&pubs)), r#"'"a","b""c","it''s"'"#);
+        assert_eq!(
+            quote_literal(&publication_list(&pubs)),
+            r#"'"a","b""c","it''s"'"#
+        );
     }
 
     #[test]
@@ -274,7 +309,14 @@ mod tests {
         k.extend_from_slice(&8i64.to_be_bytes());
         k.push(1);
         let ev = parse_copy_payload(Bytes::from(k.clone())).unwrap();
-        assert_eq!(ev, ReplEvent::Keepalive { wal_end: Lsn(7), server_time_us: 8, reply_requested: true });
+        assert_eq!(
+            ev,
+            ReplEvent::Keepalive {
+                wal_end: Lsn(7),
+                server_time_us: 8,
+                reply_requested: true
+            }
+        );
         k.pop();
         assert!(parse_copy_payload(Bytes::from(k)).is_err());
         assert!(parse_copy_payload(Bytes::from_static(b"w123")).is_err());

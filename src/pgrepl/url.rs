@@ -64,7 +64,10 @@ impl ConnConfig {
                 None => (userinfo, None),
             };
             parts.user = non_empty(decode(user, "user")?);
-            parts.password = password.map(|p| decode(p, "password")).transpose()?.map(Cow::into_owned);
+            parts.password = password
+                .map(|p| decode(p, "password"))
+                .transpose()?
+                .map(Cow::into_owned);
         }
         parse_host_port(hostport, &mut parts)?;
         if let Some(path) = path {
@@ -111,7 +114,11 @@ impl Parts {
 fn decode<'a>(s: &'a str, what: &str) -> Result<Cow<'a, str>, PgError> {
     percent_encoding::percent_decode_str(s)
         .decode_utf8()
-        .map_err(|_| PgError::Url(format!("the {what} is not valid UTF-8 once percent-decoded")))
+        .map_err(|_| {
+            PgError::Url(format!(
+                "the {what} is not valid UTF-8 once percent-decoded"
+            ))
+        })
 }
 
 fn non_empty(s: Cow<'_, str>) -> Option<String> {
@@ -135,7 +142,10 @@ fn parse_host_port(hostport: &str, parts: &mut Parts) -> Result<(), PgError> {
             .ok_or_else(|| PgError::Url("unterminated [IPv6] host".into()))?;
         let port = match after {
             "" => None,
-            p => Some(p.strip_prefix(':').ok_or_else(|| PgError::Url(format!("junk after host: {p:?}")))?),
+            p => Some(
+                p.strip_prefix(':')
+                    .ok_or_else(|| PgError::Url(format!("junk after host: {p:?}")))?,
+            ),
         };
         (host, port)
     } else {
@@ -188,7 +198,13 @@ fn os_user_name() -> Option<String> {
         let mut pwd: libc::passwd = std::mem::zeroed();
         let mut buf = vec![0 as libc::c_char; 16 * 1024];
         let mut result: *mut libc::passwd = std::ptr::null_mut();
-        let rc = libc::getpwuid_r(libc::geteuid(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result);
+        let rc = libc::getpwuid_r(
+            libc::geteuid(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        );
         if rc != 0 || result.is_null() || pwd.pw_name.is_null() {
             return std::env::var("USER").ok();
         }
@@ -221,7 +237,10 @@ mod tests {
         assert_eq!(c.dbname, c.user);
         assert_eq!(c.password, None);
         let c = ConnConfig::parse("postgres://alice@h").unwrap();
-        assert_eq!((c.user.as_str(), c.dbname.as_str(), c.port), ("alice", "alice", 5432));
+        assert_eq!(
+            (c.user.as_str(), c.dbname.as_str(), c.port),
+            ("alice", "alice", 5432)
+        );
     }
 
     #[test]
@@ -229,17 +248,35 @@ mod tests {
         let c = ConnConfig::parse("postgres://u@[::1]:7000/d").unwrap();
         assert_eq!((c.host.as_str(), c.port), ("::1", 7000));
         let c = ConnConfig::parse("postgres:///d?host=h2&port=7001&user=v&password=pw").unwrap();
-        assert_eq!((c.host.as_str(), c.port, c.user.as_str()), ("h2", 7001, "v"));
+        assert_eq!(
+            (c.host.as_str(), c.port, c.user.as_str()),
+            ("h2", 7001, "v")
+        );
         assert_eq!(c.password.as_deref(), Some("pw"));
     }
 
     #[test]
     fn errors() {
-        assert!(matches!(ConnConfig::parse("mysql://x"), Err(PgError::Url(_))));
-        assert!(matches!(ConnConfig::parse("postgres://h:99999/d"), Err(PgError::Url(_))));
-        assert!(matches!(ConnConfig::parse("postgres://h:0/d"), Err(PgError::Url(_))));
-        assert!(matches!(ConnConfig::parse("postgres://a,b/d"), Err(PgError::Url(_))));
-        assert!(matches!(ConnConfig::parse("postgres://h/d?sslmode=bogus"), Err(PgError::Url(_))));
+        assert!(matches!(
+            ConnConfig::parse("mysql://x"),
+            Err(PgError::Url(_))
+        ));
+        assert!(matches!(
+            ConnConfig::parse("postgres://h:99999/d"),
+            Err(PgError::Url(_))
+        ));
+        assert!(matches!(
+            ConnConfig::parse("postgres://h:0/d"),
+            Err(PgError::Url(_))
+        ));
+        assert!(matches!(
+            ConnConfig::parse("postgres://a,b/d"),
+            Err(PgError::Url(_))
+        ));
+        assert!(matches!(
+            ConnConfig::parse("postgres://h/d?sslmode=bogus"),
+            Err(PgError::Url(_))
+        ));
         for mode in ["require", "verify-ca", "verify-full"] {
             let err = ConnConfig::parse(&format!("postgres://h/d?sslmode={mode}")).unwrap_err();
             assert!(matches!(err, PgError::TlsUnsupported(_)));
