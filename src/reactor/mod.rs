@@ -34,7 +34,9 @@ pub enum StartError {
 }
 
 fn cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 fn placement(cfg: &Config, core: usize) -> Placement {
@@ -46,7 +48,12 @@ fn placement(cfg: &Config, core: usize) -> Placement {
 }
 
 /// Runs one executor on its own thread; reports creation failures instead of panicking.
-fn spawn_executor<F, Fut>(name: &str, cfg: &Config, core: usize, f: F) -> std::thread::JoinHandle<()>
+fn spawn_executor<F, Fut>(
+    name: &str,
+    cfg: &Config,
+    core: usize,
+    f: F,
+) -> std::thread::JoinHandle<()>
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + 'static,
@@ -76,7 +83,9 @@ fn listen_addr(port: u16) -> Result<String, StartError> {
         // Without SO_REUSEPORT (which glommio sets), so another process on the port shows.
         match std::net::TcpListener::bind(&addr) {
             Ok(_) => return Ok(addr),
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(StartError::PortInUse(port)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                return Err(StartError::PortInUse(port))
+            }
             Err(_) => continue,
         }
     }
@@ -85,14 +94,21 @@ fn listen_addr(port: u16) -> Result<String, StartError> {
 
 /// Starts every shard and blocks until the process is stopped.
 pub fn run(cfg: Config, upstream_url: String) -> Result<(), StartError> {
-    let upstream = ConnConfig::parse(&upstream_url).map_err(|e| StartError::UpstreamUrl(e.to_string()))?;
+    let upstream =
+        ConnConfig::parse(&upstream_url).map_err(|e| StartError::UpstreamUrl(e.to_string()))?;
     let addr = listen_addr(cfg.port)?;
     let n = cfg.sync_shard_count(cores());
-    let (version_txs, version_rxs): (Vec<SharedSender<VersionReady>>, Vec<SharedReceiver<VersionReady>>) =
-        (0..n).map(|_| shared_channel::new_bounded(VERSION_QUEUE_MAX)).unzip();
+    let (version_txs, version_rxs): (
+        Vec<SharedSender<VersionReady>>,
+        Vec<SharedReceiver<VersionReady>>,
+    ) = (0..n)
+        .map(|_| shared_channel::new_bounded(VERSION_QUEUE_MAX))
+        .unzip();
     // handoff[to][from]
-    let mut handoff_rxs: Vec<Vec<Option<SharedReceiver<Handoff>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
-    let mut handoff_txs: Vec<Vec<Option<SharedSender<Handoff>>>> = (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+    let mut handoff_rxs: Vec<Vec<Option<SharedReceiver<Handoff>>>> =
+        (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
+    let mut handoff_txs: Vec<Vec<Option<SharedSender<Handoff>>>> =
+        (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
     for to in 0..n {
         for from in (0..n).filter(|&f| f != to) {
             let (tx, rx) = shared_channel::new_bounded(HANDOFF_QUEUE_MAX);
@@ -122,7 +138,11 @@ pub fn run(cfg: Config, upstream_url: String) -> Result<(), StartError> {
     match ready_rx.recv() {
         Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(StartError::Upstream(e)),
-        Err(_) => return Err(StartError::Upstream("the replication shard stopped during start-up".into())),
+        Err(_) => {
+            return Err(StartError::Upstream(
+                "the replication shard stopped during start-up".into(),
+            ))
+        }
     }
 
     let cfg = Rc::new(cfg);
@@ -136,15 +156,24 @@ pub fn run(cfg: Config, upstream_url: String) -> Result<(), StartError> {
         let shard_cfg = (*cfg).clone();
         let addr = addr.clone();
         let bound_tx = bound_tx.clone();
-        threads.push(spawn_executor(&format!("zcache-sync{id}"), &cfg, id, move || async move {
-            run_syncer(id, n, shard_cfg, addr, version_rx, rxs, txs, bound_tx).await
-        }));
+        threads.push(spawn_executor(
+            &format!("zcache-sync{id}"),
+            &cfg,
+            id,
+            move || async move {
+                run_syncer(id, n, shard_cfg, addr, version_rx, rxs, txs, bound_tx).await
+            },
+        ));
     }
     for _ in 0..n {
         match bound_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(StartError::Upstream(e)),
-            Err(_) => return Err(StartError::Upstream("a syncer shard stopped during start-up".into())),
+            Err(_) => {
+                return Err(StartError::Upstream(
+                    "a syncer shard stopped during start-up".into(),
+                ))
+            }
         }
     }
     tracing::info!(port = cfg.port, sync_shards = n, "zcache ready");
@@ -174,6 +203,23 @@ async fn run_syncer(
         }
     };
     let shard = Rc::new(Shard::new(id, n, Rc::new(cfg), reader));
+    // Receivers first, each in its own task: connecting either end waits for the other, and
+    // every shard does this at once.
+    let senders_slot: Rc<std::cell::OnceCell<Rc<Vec<Option<HandoffSender>>>>> =
+        Rc::new(std::cell::OnceCell::new());
+    for rx in handoff_rxs.into_iter().flatten() {
+        let shard = shard.clone();
+        let senders_slot = senders_slot.clone();
+        glommio::spawn_local(async move {
+            let rx = rx.connect().await;
+            while let Some(h) = rx.recv().await {
+                let (stream, head) = shards::adopt(h);
+                let senders = senders_slot.get().cloned().unwrap_or_default();
+                glommio::spawn_local(shards::route(shard.clone(), stream, head, senders)).detach();
+            }
+        })
+        .detach();
+    }
     let mut senders: Vec<Option<HandoffSender>> = Vec::with_capacity(n);
     for tx in handoff_txs {
         senders.push(match tx {
@@ -182,18 +228,7 @@ async fn run_syncer(
         });
     }
     let senders = Rc::new(senders);
-    for rx in handoff_rxs.into_iter().flatten() {
-        let shard = shard.clone();
-        let senders = senders.clone();
-        glommio::spawn_local(async move {
-            let rx = rx.connect().await;
-            while let Some(h) = rx.recv().await {
-                let (stream, head) = shards::adopt(h);
-                glommio::spawn_local(shards::route(shard.clone(), stream, head, senders.clone())).detach();
-            }
-        })
-        .detach();
-    }
+    let _ = senders_slot.set(senders.clone());
     {
         let shard = shard.clone();
         glommio::spawn_local(async move {
@@ -215,7 +250,13 @@ async fn run_syncer(
     loop {
         match listener.accept().await {
             Ok(stream) => {
-                glommio::spawn_local(shards::route(shard.clone(), stream, Vec::new(), senders.clone())).detach();
+                glommio::spawn_local(shards::route(
+                    shard.clone(),
+                    stream,
+                    Vec::new(),
+                    senders.clone(),
+                ))
+                .detach();
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");

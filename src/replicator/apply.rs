@@ -32,7 +32,11 @@ pub struct Applier {
 
 impl Applier {
     /// Applies one message; returns the commit when a transaction ends.
-    pub fn apply(&mut self, replica: &Replica, msg: PgOutput) -> Result<Option<Committed>, ReplError> {
+    pub fn apply(
+        &mut self,
+        replica: &Replica,
+        msg: PgOutput,
+    ) -> Result<Option<Committed>, ReplError> {
         match msg {
             PgOutput::Begin { .. } => {
                 debug_assert!(!self.in_tx, "BEGIN inside a transaction");
@@ -55,7 +59,11 @@ impl Applier {
                 };
                 replica.upsert(&table, &row)?;
             }
-            PgOutput::Update { relation_oid, old, new } => self.update(replica, relation_oid, old, new)?,
+            PgOutput::Update {
+                relation_oid,
+                old,
+                new,
+            } => self.update(replica, relation_oid, old, new)?,
             PgOutput::Delete { relation_oid, old } => {
                 let Some((table, key)) = self.key(replica, relation_oid, &old.values)? else {
                     return Ok(None);
@@ -86,8 +94,13 @@ impl Applier {
             tracing::warn!(%table, "change to a table the replica does not have; ignored");
             return;
         };
-        let positions = rel.columns.iter().map(|c| spec.column_index(&c.name)).collect();
-        self.relations.insert(rel.oid, RelationMap { table, positions });
+        let positions = rel
+            .columns
+            .iter()
+            .map(|c| spec.column_index(&c.name))
+            .collect();
+        self.relations
+            .insert(rel.oid, RelationMap { table, positions });
     }
 
     fn map(&self, oid: u32) -> Option<&RelationMap> {
@@ -95,7 +108,13 @@ impl Applier {
     }
 
     /// Decodes a new tuple into a full replica row. Unchanged TOAST values come from `old`.
-    fn row(&mut self, replica: &Replica, oid: u32, values: &[TupleValue], old: Option<&Row>) -> Result<Option<(String, Row)>, ReplError> {
+    fn row(
+        &mut self,
+        replica: &Replica,
+        oid: u32,
+        values: &[TupleValue],
+        old: Option<&Row>,
+    ) -> Result<Option<(String, Row)>, ReplError> {
         let Some(map) = self.map(oid) else {
             return Ok(None);
         };
@@ -115,15 +134,29 @@ impl Applier {
     }
 
     /// The primary-key values of an old tuple (or of a full new row).
-    fn key(&mut self, replica: &Replica, oid: u32, values: &[TupleValue]) -> Result<Option<(String, Vec<Value>)>, ReplError> {
+    fn key(
+        &mut self,
+        replica: &Replica,
+        oid: u32,
+        values: &[TupleValue],
+    ) -> Result<Option<(String, Vec<Value>)>, ReplError> {
         let Some((table, row)) = self.row(replica, oid, values, None)? else {
             return Ok(None);
         };
         let spec = replica.spec(&table)?;
-        Ok(Some((table, spec.primary_key.iter().map(|&i| row[i].clone()).collect())))
+        Ok(Some((
+            table,
+            spec.primary_key.iter().map(|&i| row[i].clone()).collect(),
+        )))
     }
 
-    fn update(&mut self, replica: &Replica, oid: u32, old: Option<OldTuple>, new: Vec<TupleValue>) -> Result<(), ReplError> {
+    fn update(
+        &mut self,
+        replica: &Replica,
+        oid: u32,
+        old: Option<OldTuple>,
+        new: Vec<TupleValue>,
+    ) -> Result<(), ReplError> {
         let Some(map) = self.map(oid) else {
             return Ok(());
         };
@@ -142,7 +175,10 @@ impl Applier {
         if needs_old {
             let lookup = old_key.clone().unwrap_or_else(|| new_key.clone());
             if let Some(previous) = replica.get(&table, &lookup)? {
-                row = self.row(replica, oid, &new, Some(&previous))?.map(|(_, r)| r).unwrap_or(row);
+                row = self
+                    .row(replica, oid, &new, Some(&previous))?
+                    .map(|(_, r)| r)
+                    .unwrap_or(row);
             }
         }
         if let Some(k) = old_key.filter(|k| *k != new_key) {
@@ -155,6 +191,7 @@ impl Applier {
 
 fn decode(spec: &TableSpec, pos: usize, bytes: &[u8]) -> Result<Value, ReplError> {
     let col = &spec.columns[pos];
-    let text = std::str::from_utf8(bytes).map_err(|_| ReplError::Value(format!("{}.{} is not UTF-8", spec.name, col.name)))?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| ReplError::Value(format!("{}.{} is not UTF-8", spec.name, col.name)))?;
     Ok(decode_text(col.pg_type_oid, col.kind, text)?)
 }

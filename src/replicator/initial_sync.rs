@@ -67,12 +67,28 @@ where
         watermark = %created.consistent_point,
         "initial sync done"
     );
-    Ok(Synced { slot: slot.to_string(), watermark: created.consistent_point })
+    Ok(Synced {
+        slot: slot.to_string(),
+        watermark: created.consistent_point,
+    })
 }
 
-async fn copy_table<T: AsyncRead + AsyncWrite + Unpin>(conn: &mut PgConn<T>, replica: &Replica, t: &PublishedTable) -> Result<u64, ReplError> {
-    let cols: Vec<String> = t.spec.columns.iter().map(|c| quote_ident(&c.name)).collect();
-    let sql = format!("COPY {} ({}) TO STDOUT", t.upstream_ident(), cols.join(", "));
+async fn copy_table<T: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut PgConn<T>,
+    replica: &Replica,
+    t: &PublishedTable,
+) -> Result<u64, ReplError> {
+    let cols: Vec<String> = t
+        .spec
+        .columns
+        .iter()
+        .map(|c| quote_ident(&c.name))
+        .collect();
+    let sql = format!(
+        "COPY {} ({}) TO STDOUT",
+        t.upstream_ident(),
+        cols.join(", ")
+    );
     let mut rows = 0u64;
     let mut failure: Option<ReplError> = None;
     conn.copy_out(&sql, |line| {
@@ -87,7 +103,10 @@ async fn copy_table<T: AsyncRead + AsyncWrite + Unpin>(conn: &mut PgConn<T>, rep
                 Some(text) => decode_text(c.pg_type_oid, c.kind, &text),
             })
             .collect();
-        match row.map_err(ReplError::from).and_then(|r| Ok(replica.upsert(&t.spec.name, &r)?)) {
+        match row
+            .map_err(ReplError::from)
+            .and_then(|r| Ok(replica.upsert(&t.spec.name, &r)?))
+        {
             Ok(()) => rows += 1,
             Err(e) => {
                 failure.get_or_insert(e);

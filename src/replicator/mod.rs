@@ -80,7 +80,11 @@ pub async fn prepare(cfg: &Config, upstream: &ConnConfig) -> Result<Prepared, Re
         if same_pubs && slot_exists(upstream, &slot).await? {
             tracing::info!(%slot, watermark = %Lsn(w), "resuming from the existing replica");
             let _ = conn.close().await;
-            return Ok(Prepared { replica, slot, publications });
+            return Ok(Prepared {
+                replica,
+                slot,
+                publications,
+            });
         }
         tracing::warn!(%slot, "the replica's slot or publications changed upstream: syncing anew");
     }
@@ -97,14 +101,29 @@ pub async fn prepare(cfg: &Config, upstream: &ConnConfig) -> Result<Prepared, Re
     .await?;
     let slot = initial_sync::new_slot_name(&cfg.app_id, cfg.shard_num);
     let mut repl_conn = connect(upstream, true).await?;
-    initial_sync::run(&mut repl_conn, &mut conn, &mut replica, &slot, &publications).await?;
+    initial_sync::run(
+        &mut repl_conn,
+        &mut conn,
+        &mut replica,
+        &slot,
+        &publications,
+    )
+    .await?;
     let _ = repl_conn.close().await;
     let _ = conn.close().await;
-    Ok(Prepared { replica, slot, publications })
+    Ok(Prepared {
+        replica,
+        slot,
+        publications,
+    })
 }
 
 /// Streams forever, reconnecting with backoff when upstream fails.
-pub async fn stream_forever(upstream: ConnConfig, prepared: Prepared, syncers: Vec<glommio::channels::shared_channel::ConnectedSender<VersionReady>>) {
+pub async fn stream_forever(
+    upstream: ConnConfig,
+    prepared: Prepared,
+    syncers: Vec<glommio::channels::shared_channel::ConnectedSender<VersionReady>>,
+) {
     let mut backoff_ms = 500;
     loop {
         match stream(&upstream, &prepared, &syncers).await {
@@ -119,10 +138,16 @@ pub async fn stream_forever(upstream: ConnConfig, prepared: Prepared, syncers: V
     }
 }
 
-async fn stream(upstream: &ConnConfig, p: &Prepared, syncers: &[glommio::channels::shared_channel::ConnectedSender<VersionReady>]) -> Result<(), ReplError> {
+async fn stream(
+    upstream: &ConnConfig,
+    p: &Prepared,
+    syncers: &[glommio::channels::shared_channel::ConnectedSender<VersionReady>],
+) -> Result<(), ReplError> {
     let start = Lsn(p.replica.watermark()?.unwrap_or(0));
     let conn = connect(upstream, true).await?;
-    let mut stream = conn.start_replication(&p.slot, start, &p.publications).await?;
+    let mut stream = conn
+        .start_replication(&p.slot, start, &p.publications)
+        .await?;
     tracing::info!(slot = %p.slot, from = %start, "streaming changes");
     let mut applier = Applier::default();
     let mut confirmed = start;
@@ -133,7 +158,9 @@ async fn stream(upstream: &ConnConfig, p: &Prepared, syncers: &[glommio::channel
         };
         let event = futures_lite::future::or(async { Some(stream.recv().await) }, tick).await;
         let Some(event) = event else {
-            stream.send_status(confirmed, confirmed, confirmed, false).await?;
+            stream
+                .send_status(confirmed, confirmed, confirmed, false)
+                .await?;
             continue;
         };
         match event? {
@@ -142,20 +169,31 @@ async fn stream(upstream: &ConnConfig, p: &Prepared, syncers: &[glommio::channel
                 if let Some(commit) = applier.apply(&p.replica, msg)? {
                     // Durable in SQLite (synchronous=FULL): only now may Postgres forget it.
                     confirmed = Lsn(commit.watermark);
-                    stream.send_status(confirmed, confirmed, confirmed, false).await?;
-                    let v = VersionReady { watermark: commit.watermark, tables: commit.tables };
+                    stream
+                        .send_status(confirmed, confirmed, confirmed, false)
+                        .await?;
+                    let v = VersionReady {
+                        watermark: commit.watermark,
+                        tables: commit.tables,
+                    };
                     for s in syncers {
                         let _ = s.send(v.clone()).await;
                     }
                 }
             }
-            ReplEvent::Keepalive { wal_end, reply_requested, .. } => {
+            ReplEvent::Keepalive {
+                wal_end,
+                reply_requested,
+                ..
+            } => {
                 // Idle between transactions, everything up to wal_end is applied or irrelevant.
                 if !applier.in_transaction() && wal_end > confirmed {
                     confirmed = wal_end;
                 }
                 if reply_requested {
-                    stream.send_status(confirmed, confirmed, confirmed, false).await?;
+                    stream
+                        .send_status(confirmed, confirmed, confirmed, false)
+                        .await?;
                 }
             }
         }

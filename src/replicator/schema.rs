@@ -36,7 +36,10 @@ fn cell(row: &[Option<String>], i: usize) -> String {
     row.get(i).cloned().flatten().unwrap_or_default()
 }
 
-pub async fn published_tables<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut PgConn<S>, publications: &[String]) -> Result<Vec<PublishedTable>, PgError> {
+pub async fn published_tables<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut PgConn<S>,
+    publications: &[String],
+) -> Result<Vec<PublishedTable>, PgError> {
     let names: Vec<String> = publications.iter().map(|p| quote_literal(p)).collect();
     let sql = format!(
         "SELECT DISTINCT schemaname, tablename FROM pg_publication_tables WHERE pubname IN ({}) ORDER BY 1, 2",
@@ -53,13 +56,19 @@ pub async fn published_tables<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut PgCo
     for (schema, name) in tables {
         match describe(conn, &schema, &name).await? {
             Some(t) => out.push(t),
-            None => tracing::warn!(table = %format!("{schema}.{name}"), "not synced: it has no primary key"),
+            None => {
+                tracing::warn!(table = %format!("{schema}.{name}"), "not synced: it has no primary key")
+            }
         }
     }
     Ok(out)
 }
 
-async fn describe<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut PgConn<S>, schema: &str, name: &str) -> Result<Option<PublishedTable>, PgError> {
+async fn describe<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut PgConn<S>,
+    schema: &str,
+    name: &str,
+) -> Result<Option<PublishedTable>, PgError> {
     let rel = quote_literal(&format!("{}.{}", quote_ident(schema), quote_ident(name)));
     let cols_sql = format!(
         "SELECT a.attname, a.atttypid, t.typcategory = 'A', a.attnum FROM pg_attribute a
@@ -68,14 +77,29 @@ async fn describe<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut PgConn<S>, schem
     );
     let mut columns = Vec::new();
     let mut attnums = Vec::new();
-    for r in conn.simple_query(&cols_sql).await?.into_iter().flat_map(|r| r.rows) {
-        let (col, oid, is_array) = (cell(&r, 0), cell(&r, 1).parse().unwrap_or(0), cell(&r, 2) == "t");
+    for r in conn
+        .simple_query(&cols_sql)
+        .await?
+        .into_iter()
+        .flat_map(|r| r.rows)
+    {
+        let (col, oid, is_array) = (
+            cell(&r, 0),
+            cell(&r, 1).parse().unwrap_or(0),
+            cell(&r, 2) == "t",
+        );
         match column_kind(oid, is_array) {
             Some(kind) => {
-                columns.push(ColumnSpec { name: col, kind, pg_type_oid: oid });
+                columns.push(ColumnSpec {
+                    name: col,
+                    kind,
+                    pg_type_oid: oid,
+                });
                 attnums.push(cell(&r, 3));
             }
-            None => tracing::warn!(table = name, column = %col, type_oid = oid, "column not synced: unsupported type"),
+            None => {
+                tracing::warn!(table = name, column = %col, type_oid = oid, "column not synced: unsupported type")
+            }
         }
     }
     let idx_sql = format!(
@@ -86,7 +110,12 @@ async fn describe<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut PgConn<S>, schem
     );
     let mut primary_key = None;
     let mut indexes = Vec::new();
-    for r in conn.simple_query(&idx_sql).await?.into_iter().flat_map(|r| r.rows) {
+    for r in conn
+        .simple_query(&idx_sql)
+        .await?
+        .into_iter()
+        .flat_map(|r| r.rows)
+    {
         let cols: Vec<String> = cell(&r, 1).split(',').map(str::to_string).collect();
         if cell(&r, 0) == "t" {
             primary_key = Some(cols);
@@ -107,7 +136,11 @@ async fn describe<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut PgConn<S>, schem
     Ok(Some(PublishedTable {
         schema: schema.to_string(),
         name: name.to_string(),
-        spec: TableSpec { name: replica_table_name(schema, name), columns, primary_key },
+        spec: TableSpec {
+            name: replica_table_name(schema, name),
+            columns,
+            primary_key,
+        },
         indexes,
     }))
 }

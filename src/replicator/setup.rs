@@ -42,7 +42,9 @@ pub enum SetupError {
 }
 
 /// Checks what zcache needs of the upstream server.
-pub async fn check_upstream<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut PgConn<S>) -> Result<(), SetupError> {
+pub async fn check_upstream<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut PgConn<S>,
+) -> Result<(), SetupError> {
     let rows = conn.simple_query("SHOW wal_level").await?;
     let level = rows
         .first()
@@ -56,7 +58,10 @@ pub async fn check_upstream<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut PgConn
 }
 
 /// Creates the app and shard schemas, their tables and the publications, if missing.
-pub async fn ensure_shard_schema<S: AsyncRead + AsyncWrite + Unpin>(conn: &mut PgConn<S>, cfg: &Config) -> Result<(), SetupError> {
+pub async fn ensure_shard_schema<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut PgConn<S>,
+    cfg: &Config,
+) -> Result<(), SetupError> {
     let app = quote_ident(&cfg.app_id);
     let shard = quote_ident(&cfg.shard_schema());
     let pubs_literal = quote_literal(&format!("{{{}}}", publications(cfg).join(",")));

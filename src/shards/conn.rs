@@ -91,9 +91,14 @@ struct ConnectParams {
 
 fn connect_params(req: &UpgradeRequest) -> Result<ConnectParams, ProtocolError> {
     let required = |name: &str| {
-        req.query_param(name).filter(|v| !v.is_empty()).ok_or_else(|| {
-            ProtocolError::new(ErrorKind::InvalidConnectionRequest, format!("missing {name} in the connect URL"))
-        })
+        req.query_param(name)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                ProtocolError::new(
+                    ErrorKind::InvalidConnectionRequest,
+                    format!("missing {name} in the connect URL"),
+                )
+            })
     };
     Ok(ConnectParams {
         client_id: required("clientID")?,
@@ -126,7 +131,11 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
             return;
         }
     };
-    if stream.write_all(&response_101(&accept, req.selected_protocol())).await.is_err() {
+    if stream
+        .write_all(&response_101(&accept, req.selected_protocol()))
+        .await
+        .is_err()
+    {
         return;
     }
     let _ = stream.set_nodelay(true);
@@ -153,7 +162,12 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
         Ok(s) => s.unwrap_or_default(),
         Err(e) => return early(e),
     };
-    let base = match params.base_cookie.as_deref().map(|c| Version::parse(c).ok_or(c)).transpose() {
+    let base = match params
+        .base_cookie
+        .as_deref()
+        .map(|c| Version::parse(c).ok_or(c))
+        .transpose()
+    {
         Ok(b) => b,
         Err(c) => {
             return early(ProtocolError::new(
@@ -194,7 +208,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
         result = match ws.next_message().await {
             Ok(Message::Text(text)) => handle_text(&shard, &group, &conn, text).await,
             Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => Ok(()),
-            Ok(Message::Binary(_)) => Err(ProtocolError::new(ErrorKind::InvalidMessage, "binary messages are not part of the protocol")),
+            Ok(Message::Binary(_)) => Err(ProtocolError::new(
+                ErrorKind::InvalidMessage,
+                "binary messages are not part of the protocol",
+            )),
             Ok(Message::Close { .. }) | Err(WsError::Closed) | Err(WsError::Io(_)) => break,
             Err(e @ WsError::Frame(_)) => {
                 let code = e.close_code().unwrap_or(1002);
@@ -210,7 +227,12 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
     group.disconnect(&conn);
 }
 
-async fn handle_text(shard: &Rc<Shard>, group: &Rc<Group>, conn: &Rc<Conn>, text: Bytes) -> Result<(), ProtocolError> {
+async fn handle_text(
+    shard: &Rc<Shard>,
+    group: &Rc<Group>,
+    conn: &Rc<Conn>,
+    text: Bytes,
+) -> Result<(), ProtocolError> {
     let mut buf = text.to_vec();
     match up::parse(&mut buf)? {
         Upstream::Ping => {
@@ -219,7 +241,9 @@ async fn handle_text(shard: &Rc<Shard>, group: &Rc<Group>, conn: &Rc<Conn>, text
         }
         Upstream::InitConnection(init) => group.init_connection(shard, conn, init).await,
         Upstream::ChangeDesiredQueries(c) => {
-            group.change_desired_queries(shard, &conn.client_id, &c.desired_queries_patch).await
+            group
+                .change_desired_queries(shard, &conn.client_id, &c.desired_queries_patch)
+                .await
         }
         Upstream::Push(header, body) => super::push::push(shard, group, conn, header, body),
         Upstream::UpdateAuth(token) => {
@@ -246,7 +270,10 @@ async fn handle_text(shard: &Rc<Shard>, group: &Rc<Group>, conn: &Rc<Conn>, text
 
 /// Writes queued frames until a close frame, an error, or the queue's end; then shuts the
 /// socket's write side so the client sees the end and the reader half finishes too.
-async fn write_loop<W: futures_lite::io::AsyncWrite + Unpin>(mut ws: WsWriter<W>, rx: local_channel::LocalReceiver<Outbound>) {
+async fn write_loop<W: futures_lite::io::AsyncWrite + Unpin>(
+    mut ws: WsWriter<W>,
+    rx: local_channel::LocalReceiver<Outbound>,
+) {
     while let Some(item) = rx.recv().await {
         let (frame, last) = match item {
             Outbound::Frame(f) => (f, false),

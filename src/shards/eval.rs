@@ -155,7 +155,11 @@ impl GroupQueries {
 
 /// Asks the app server for the ASTs of named queries (on the blocking pool: the shard keeps
 /// serving while it waits).
-pub async fn transform(shard: &Shard, token: Option<String>, queries: Vec<QueryRequest>) -> Result<Vec<TransformResult>, ProtocolError> {
+pub async fn transform(
+    shard: &Shard,
+    token: Option<String>,
+    queries: Vec<QueryRequest>,
+) -> Result<Vec<TransformResult>, ProtocolError> {
     let app = shard.app.clone();
     let ids: Vec<String> = queries.iter().map(|q| q.id.clone()).collect();
     let result = glommio::executor()
@@ -184,7 +188,13 @@ fn transform_failed(e: &AppServerError, ids: &[String]) -> ProtocolError {
 }
 
 /// Evaluates one query against the open snapshot and stores its rows in the CVR.
-pub fn evaluate_into(reader: &ReplicaReader, queries: &GroupQueries, cvr: &mut Cvr, hash: &str, at: Version) -> Result<bool, crate::zql::error::ZqlError> {
+pub fn evaluate_into(
+    reader: &ReplicaReader,
+    queries: &GroupQueries,
+    cvr: &mut Cvr,
+    hash: &str,
+    at: Version,
+) -> Result<bool, crate::zql::error::ZqlError> {
     let Some(ast) = queries.asts.get(hash) else {
         return Ok(false);
     };
@@ -201,8 +211,14 @@ pub fn evaluate_into(reader: &ReplicaReader, queries: &GroupQueries, cvr: &mut C
 
 /// The internal queries: `{shard}.clients` rows of the group become lastMutationIDChanges,
 /// `{shard}.mutations` rows become mutationsPatch.
-pub fn refresh_mutation_state(reader: &ReplicaReader, shard_schema: &str, cvr: &mut Cvr, at: Version) -> Result<bool, ProtocolError> {
-    let internal = |e: crate::sqlite::ReplicaError| ProtocolError::new(ErrorKind::Internal, e.to_string());
+pub fn refresh_mutation_state(
+    reader: &ReplicaReader,
+    shard_schema: &str,
+    cvr: &mut Cvr,
+    at: Version,
+) -> Result<bool, ProtocolError> {
+    let internal =
+        |e: crate::sqlite::ReplicaError| ProtocolError::new(ErrorKind::Internal, e.to_string());
     let group = Value::Text(cvr.id.clone());
     let mut changed = false;
     let clients_table = format!("{shard_schema}.clients");
@@ -212,9 +228,14 @@ pub fn refresh_mutation_state(reader: &ReplicaReader, shard_schema: &str, cvr: &
             spec.column_index("clientID"),
             spec.column_index("lastMutationID"),
         ) else {
-            return Err(ProtocolError::new(ErrorKind::Internal, format!("{clients_table} lacks zero's columns")));
+            return Err(ProtocolError::new(
+                ErrorKind::Internal,
+                format!("{clients_table} lacks zero's columns"),
+            ));
         };
-        let rows = reader.fetch_rows(&clients_table, &[(g, group.clone())]).map_err(internal)?;
+        let rows = reader
+            .fetch_rows(&clients_table, &[(g, group.clone())])
+            .map_err(internal)?;
         let lmids: BTreeMap<String, u64> = rows
             .into_iter()
             .filter_map(|r| match (&r[c], &r[l]) {
@@ -232,15 +253,22 @@ pub fn refresh_mutation_state(reader: &ReplicaReader, shard_schema: &str, cvr: &
             spec.column_index("mutationID"),
             spec.column_index("result"),
         ) else {
-            return Err(ProtocolError::new(ErrorKind::Internal, format!("{mutations_table} lacks zero's columns")));
+            return Err(ProtocolError::new(
+                ErrorKind::Internal,
+                format!("{mutations_table} lacks zero's columns"),
+            ));
         };
-        let rows = reader.fetch_rows(&mutations_table, &[(g, group)]).map_err(internal)?;
+        let rows = reader
+            .fetch_rows(&mutations_table, &[(g, group)])
+            .map_err(internal)?;
         let results: BTreeMap<(String, u64), String> = rows
             .into_iter()
             .filter_map(|row| match (&row[c], &row[m], &row[r]) {
-                (Value::Text(client), Value::Int(id), Value::Json(result) | Value::Text(result)) => {
-                    Some(((client.clone(), *id as u64), result.clone()))
-                }
+                (
+                    Value::Text(client),
+                    Value::Int(id),
+                    Value::Json(result) | Value::Text(result),
+                ) => Some(((client.clone(), *id as u64), result.clone())),
                 _ => None,
             })
             .collect();

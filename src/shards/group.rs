@@ -66,7 +66,11 @@ impl Group {
             if base > cvr.version {
                 return Err(ProtocolError::new(
                     ErrorKind::InvalidConnectionRequestBaseCookie,
-                    format!("cookie {} is newer than the server's {}", base.cookie(), cvr.version.cookie()),
+                    format!(
+                        "cookie {} is newer than the server's {}",
+                        base.cookie(),
+                        cvr.version.cookie()
+                    ),
                 ));
             }
         }
@@ -79,7 +83,10 @@ impl Group {
 
     pub fn disconnect(&self, conn: &Conn) {
         let mut conns = self.conns.borrow_mut();
-        if conns.get(&conn.client_id).is_some_and(|c| c.wsid == conn.wsid) {
+        if conns
+            .get(&conn.client_id)
+            .is_some_and(|c| c.wsid == conn.wsid)
+        {
             conns.remove(&conn.client_id);
         }
     }
@@ -90,7 +97,12 @@ impl Group {
 
     /// `initConnection`: the client's desired queries, then hydration, then (if the client
     /// got nothing yet) the forced initial poke.
-    pub async fn init_connection(&self, shard: &Shard, conn: &Rc<Conn>, init: InitConnection) -> GroupResult<()> {
+    pub async fn init_connection(
+        &self,
+        shard: &Shard,
+        conn: &Rc<Conn>,
+        init: InitConnection,
+    ) -> GroupResult<()> {
         let _permit = self.locked().await?;
         self.cvr.borrow_mut().ensure_client(&conn.client_id);
         self.apply_config(&conn.client_id, &init.desired_queries_patch);
@@ -99,7 +111,12 @@ impl Group {
         Ok(())
     }
 
-    pub async fn change_desired_queries(&self, shard: &Shard, client_id: &str, patch: &[QueryPatchOp]) -> GroupResult<()> {
+    pub async fn change_desired_queries(
+        &self,
+        shard: &Shard,
+        client_id: &str,
+        patch: &[QueryPatchOp],
+    ) -> GroupResult<()> {
         let _permit = self.locked().await?;
         self.apply_config(client_id, patch);
         self.hydrate(shard).await?;
@@ -115,7 +132,13 @@ impl Group {
         let mut changed = cvr.ensure_client(client_id);
         for op in patch {
             changed |= match op {
-                QueryPatchOp::Put { hash, ast, name, args, .. } => {
+                QueryPatchOp::Put {
+                    hash,
+                    ast,
+                    name,
+                    args,
+                    ..
+                } => {
                     let spec = match (name, ast) {
                         (Some(name), _) => QuerySpec::Named {
                             name: name.clone(),
@@ -203,11 +226,15 @@ impl Group {
             })
             .collect();
         drop(queries);
-        self.send_to_all(down::transform_error(&serde_json::Value::Array(errors).to_string()));
+        self.send_to_all(down::transform_error(
+            &serde_json::Value::Array(errors).to_string(),
+        ));
     }
 
     pub fn note_changed_tables(&self, tables: &[String]) {
-        self.pending_tables.borrow_mut().extend(tables.iter().cloned());
+        self.pending_tables
+            .borrow_mut()
+            .extend(tables.iter().cloned());
     }
 
     /// Re-evaluates the queries that read a changed table and pokes what changed.
@@ -229,11 +256,17 @@ impl Group {
             for hash in affected {
                 match eval::evaluate_into(&reader, &self.queries.borrow(), &mut cvr, &hash, at) {
                     Ok(c) => changed |= c,
-                    Err(e) => tracing::warn!(group = %self.id, query = %hash, error = %e, "re-evaluation failed"),
+                    Err(e) => {
+                        tracing::warn!(group = %self.id, query = %hash, error = %e, "re-evaluation failed")
+                    }
                 }
             }
-            if tables.iter().any(|t| t.starts_with(&format!("{}.", shard.shard_schema))) {
-                changed |= eval::refresh_mutation_state(&reader, &shard.shard_schema, &mut cvr, at)?;
+            if tables
+                .iter()
+                .any(|t| t.starts_with(&format!("{}.", shard.shard_schema)))
+            {
+                changed |=
+                    eval::refresh_mutation_state(&reader, &shard.shard_schema, &mut cvr, at)?;
             }
             Ok::<bool, ProtocolError>(changed)
         })();

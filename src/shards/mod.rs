@@ -77,13 +77,20 @@ impl Shard {
 
     /// The group's state on this shard, created on first use.
     pub fn group(&self, id: &str) -> Result<Rc<Group>, ProtocolError> {
-        debug_assert_eq!(owner_shard(id, self.count), self.id, "group on the wrong shard");
+        debug_assert_eq!(
+            owner_shard(id, self.count),
+            self.id,
+            "group on the wrong shard"
+        );
         let mut groups = self.groups.borrow_mut();
         if let Some(g) = groups.get(id) {
             return Ok(g.clone());
         }
         if groups.len() >= CLIENT_GROUPS_PER_SHARD_MAX {
-            return Err(ProtocolError::new(ErrorKind::ServerOverloaded, "this server holds too many client groups"));
+            return Err(ProtocolError::new(
+                ErrorKind::ServerOverloaded,
+                "this server holds too many client groups",
+            ));
         }
         let g = Rc::new(Group::new(id));
         groups.insert(id.to_string(), g.clone());
@@ -109,7 +116,9 @@ impl Shard {
 }
 
 /// Reads an HTTP request head. Returns the parsed head and every byte read.
-async fn read_head(stream: &mut TcpStream) -> Option<(crate::ws::handshake::UpgradeRequest, usize, Vec<u8>)> {
+async fn read_head(
+    stream: &mut TcpStream,
+) -> Option<(crate::ws::handshake::UpgradeRequest, usize, Vec<u8>)> {
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     loop {
@@ -132,7 +141,12 @@ async fn read_head(stream: &mut TcpStream) -> Option<(crate::ws::handshake::Upgr
 
 /// Routes one accepted socket: plain HTTP is answered here; a sync connection is served here
 /// if this shard owns its group, else handed to the owner.
-pub async fn route(shard: Rc<Shard>, mut stream: TcpStream, head: Vec<u8>, handoff: Rc<Vec<Option<HandoffSender>>>) {
+pub async fn route(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    head: Vec<u8>,
+    handoff: Rc<Vec<Option<HandoffSender>>>,
+) {
     let (req, used, buf) = if head.is_empty() {
         let timeout = std::time::Duration::from_millis(REQUEST_HEAD_TIMEOUT_MS);
         let read = futures_lite::future::or(read_head(&mut stream), async {
@@ -188,7 +202,10 @@ mod tests {
 
     #[test]
     fn owner_is_stable_and_spread() {
-        assert_eq!(owner_shard("p06t78l8h9913hqlss", 4), owner_shard("p06t78l8h9913hqlss", 4));
+        assert_eq!(
+            owner_shard("p06t78l8h9913hqlss", 4),
+            owner_shard("p06t78l8h9913hqlss", 4)
+        );
         let mut counts = [0usize; 4];
         for i in 0..4000 {
             counts[owner_shard(&format!("group{i}"), 4)] += 1;

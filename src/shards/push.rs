@@ -45,11 +45,20 @@ fn pusher(shard: &Rc<Shard>, group: &Rc<Group>) -> Pusher {
     tx
 }
 
-pub fn push(shard: &Rc<Shard>, group: &Rc<Group>, conn: &Rc<Conn>, header: PushHeader, body: String) -> Result<(), ProtocolError> {
+pub fn push(
+    shard: &Rc<Shard>,
+    group: &Rc<Group>,
+    conn: &Rc<Conn>,
+    header: PushHeader,
+    body: String,
+) -> Result<(), ProtocolError> {
     if header.client_group_id != group.id {
         return Err(ProtocolError::new(
             ErrorKind::InvalidPush,
-            format!("push for client group {} on a connection of {}", header.client_group_id, group.id),
+            format!(
+                "push for client group {} on a connection of {}",
+                header.client_group_id, group.id
+            ),
         ));
     }
     if header.mutations.is_empty() {
@@ -71,10 +80,17 @@ pub fn push(shard: &Rc<Shard>, group: &Rc<Group>, conn: &Rc<Conn>, header: PushH
         body,
         token: group.token.borrow().clone(),
         conn: Some(Rc::downgrade(conn)),
-        mutation_ids: header.mutations.iter().map(|m| (m.client_id.clone(), m.id)).collect(),
+        mutation_ids: header
+            .mutations
+            .iter()
+            .map(|m| (m.client_id.clone(), m.id))
+            .collect(),
     };
     pusher(shard, group).try_send(job).map_err(|_| {
-        ProtocolError::new(ErrorKind::ServerOverloaded, "too many pushes are waiting for the app server")
+        ProtocolError::new(
+            ErrorKind::ServerOverloaded,
+            "too many pushes are waiting for the app server",
+        )
     })
 }
 
@@ -124,11 +140,22 @@ async fn run(shard: &Shard, job: PushJob) {
 }
 
 fn mutation_ids_json(ids: &[(String, u64)]) -> Json {
-    Json::Array(ids.iter().map(|(c, id)| json!({"id": id, "clientID": c})).collect())
+    Json::Array(
+        ids.iter()
+            .map(|(c, id)| json!({"id": id, "clientID": c}))
+            .collect(),
+    )
 }
 
-fn push_failed(origin: &str, reason: &str, message: String, ids: &[(String, u64)], extra: Option<(&str, Json)>) -> ProtocolError {
-    let mut body = json!({"origin": origin, "reason": reason, "mutationIDs": mutation_ids_json(ids)});
+fn push_failed(
+    origin: &str,
+    reason: &str,
+    message: String,
+    ids: &[(String, u64)],
+    extra: Option<(&str, Json)>,
+) -> ProtocolError {
+    let mut body =
+        json!({"origin": origin, "reason": reason, "mutationIDs": mutation_ids_json(ids)});
     if let Some((k, v)) = extra {
         body[k] = v;
     }
@@ -142,27 +169,58 @@ fn push_failed(origin: &str, reason: &str, message: String, ids: &[(String, u64)
 
 fn push_failed_from_error(e: &AppServerError, ids: &[(String, u64)]) -> ProtocolError {
     let status = match e {
-        AppServerError::Unauthorized(code, _) | AppServerError::Http(code, _) => Some(("status", json!(code))),
+        AppServerError::Unauthorized(code, _) | AppServerError::Http(code, _) => {
+            Some(("status", json!(code)))
+        }
         _ => None,
     };
     let reason = if status.is_some() { "http" } else { "internal" };
-    push_failed("zeroCache", reason, format!("Failed to push mutations: {e}"), ids, status)
+    push_failed(
+        "zeroCache",
+        reason,
+        format!("Failed to push mutations: {e}"),
+        ids,
+        status,
+    )
 }
 
 /// The app server's answer: a PushFailed body, a legacy error, or an `oooMutation` result
 /// fail the connection; app errors and alreadyProcessed results are the app's business.
 fn failure_in_response(resp: &Json, ids: &[(String, u64)]) -> Option<ProtocolError> {
     if resp.get("kind").and_then(Json::as_str) == Some("PushFailed") {
-        let reason = resp.get("reason").and_then(Json::as_str).unwrap_or("internal");
-        let message = resp.get("message").and_then(Json::as_str).unwrap_or("push failed").to_string();
+        let reason = resp
+            .get("reason")
+            .and_then(Json::as_str)
+            .unwrap_or("internal");
+        let message = resp
+            .get("message")
+            .and_then(Json::as_str)
+            .unwrap_or("push failed")
+            .to_string();
         return Some(push_failed("server", reason, message, ids, None));
     }
     if let Some(err) = resp.get("error") {
-        return Some(push_failed("server", "internal", format!("push failed: {err}"), ids, None));
+        return Some(push_failed(
+            "server",
+            "internal",
+            format!("push failed: {err}"),
+            ids,
+            None,
+        ));
     }
     let results = resp.get("mutations").and_then(Json::as_array)?;
-    let ooo = results.iter().any(|m| m["result"]["error"] == "oooMutation");
-    ooo.then(|| push_failed("server", "oooMutation", "mutation out of order".into(), ids, None))
+    let ooo = results
+        .iter()
+        .any(|m| m["result"]["error"] == "oooMutation");
+    ooo.then(|| {
+        push_failed(
+            "server",
+            "oooMutation",
+            "mutation out of order".into(),
+            ids,
+            None,
+        )
+    })
 }
 
 #[cfg(test)]
@@ -176,7 +234,8 @@ mod tests {
         assert!(failure_in_response(&ok, &ids).is_none());
         let app_err = json!({"kind":"MutateResponse","mutations":[{"id":{"clientID":"c1","id":3},"result":{"error":"app"}}]});
         assert!(failure_in_response(&app_err, &ids).is_none());
-        let ooo = json!({"mutations":[{"id":{"clientID":"c1","id":3},"result":{"error":"oooMutation"}}]});
+        let ooo =
+            json!({"mutations":[{"id":{"clientID":"c1","id":3},"result":{"error":"oooMutation"}}]});
         let e = failure_in_response(&ooo, &ids).expect("ooo fails");
         assert_eq!(e.kind, ErrorKind::PushFailed);
         let failed = json!({"kind":"PushFailed","origin":"server","reason":"database","message":"db down","mutationIDs":[]});

@@ -115,7 +115,7 @@ export async function startPostgres({dbName = 'zbench', seed = true} = {}) {
     throw new Error(`initdb failed: ${e.stderr?.toString() ?? e.message}`);
   }
 
-  const port = await freePort();
+  const port = await freePort('127.0.0.1');
   const conf = [
     '# --- zcache e2e ---',
     "listen_addresses = '127.0.0.1'",

@@ -142,8 +142,11 @@ export function spawnGroup(name, cmd, args, {env = process.env, cwd, logFile} = 
   return handle;
 }
 
-/** A TCP port that nothing listens on right now (the OS picks it). */
-export async function freePort(host = '127.0.0.1') {
+/**
+ * A TCP port that nothing listens on right now (the OS picks it). Without `host` it is checked on
+ * all interfaces (:: when the host has IPv6, else 0.0.0.0), as a server binding [::] needs.
+ */
+export async function freePort(host = undefined) {
   return new Promise((resolve, reject) => {
     const s = net.createServer();
     s.once('error', reject);
@@ -166,7 +169,7 @@ export async function portBindable(port) {
 /** A free port P whose P+1 is free too (zero-cache binds its change-streamer on port+1). */
 export async function freePortPair() {
   for (let attempt = 0; attempt < 50; attempt++) {
-    const p = await freePort('::');
+    const p = await freePort();
     if (p < 65535 && (await portBindable(p)) && (await portBindable(p + 1))) return p;
   }
   throw new Error('could not find two consecutive free TCP ports');

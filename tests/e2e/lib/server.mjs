@@ -99,7 +99,7 @@ export async function startServer({pgUrl, appUrl}) {
   const kind = preflightServer();
   const dir = makeTempDir(`zcache-e2e-${kind}-`);
   // zero-cache also binds port+1 (change-streamer)
-  const port = kind === 'zero-cache' ? await freePortPair() : await freePort('::');
+  const port = kind === 'zero-cache' ? await freePortPair() : await freePort();
   const appId = newAppId();
   const replicaFile = path.join(dir, 'replica.db');
   const logFile = path.join(dir, `${kind}.log`);
