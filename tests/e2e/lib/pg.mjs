@@ -144,7 +144,8 @@ export async function startPostgres({dbName = 'zbench', seed = true} = {}) {
     } catch {
       // not started or already gone
     }
-    await proc.stop({signal: 'SIGINT', graceMs: 15_000, pid: postmasterPid || null});
+    // SIGINT = fast shutdown; without a pid file, signal the group (runuser ignores SIGINT)
+    await proc.stop({signal: 'SIGINT', graceMs: 15_000, pid: postmasterPid || null, group: !postmasterPid});
     removeTempDir(dir);
   };
 

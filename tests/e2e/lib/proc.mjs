@@ -109,7 +109,8 @@ export function spawnGroup(name, cmd, args, {env = process.env, cwd, logFile} = 
     });
   });
   if (pgid) liveGroups.add(pgid);
-  exited.then(() => log?.end());
+  // 'close' comes after the output pipes are drained, unlike 'exit'
+  child.on('close', () => log?.end());
 
   const handle = {
     name,

@@ -1,0 +1,420 @@
+//! The whole server over real sockets: a real PostgreSQL (started here), the zcache binary,
+//! and a WebSocket client speaking the Zero protocol the way the 1.9 client does. Queries are
+//! legacy ASTs so no app server is needed (the e2e suite covers named queries and mutators).
+
+use base64::Engine;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tungstenite::client::IntoClientRequest;
+use tungstenite::http::HeaderValue;
+use tungstenite::{Message, WebSocket};
+use zcache::embedded::pgcluster::{PgCluster, PgClusterOptions};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Server {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn seed(pg: &PgCluster) {
+    pg.create_database("app").expect("create db");
+    pg.psql(
+        "app",
+        "CREATE TABLE issue (id TEXT PRIMARY KEY, title TEXT, status TEXT, created BIGINT);
+         CREATE TABLE comment (id TEXT PRIMARY KEY, issue_id TEXT, body TEXT);
+         CREATE INDEX ON comment (issue_id);
+         INSERT INTO issue SELECT 'i' || i, 'Issue ' || i, (ARRAY['open','closed'])[1 + i % 2], 1000 + i
+           FROM generate_series(1, 50) i;
+         INSERT INTO comment SELECT 'c' || i, 'i' || (1 + i % 50), 'Body ' || i FROM generate_series(1, 150) i;",
+    )
+    .expect("seed");
+}
+
+fn start_zcache(pg: &PgCluster) -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_zcache"))
+        .args([
+            "--upstream-db",
+            &pg.url("app"),
+            "--port",
+            &port.to_string(),
+            "--app-id",
+            "ztest",
+        ])
+        .arg("--replica-file")
+        .arg(dir.path().join("replica.db"))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn zcache");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[zcache] {line}");
+            if line.contains("zcache ready") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(WAIT).expect("zcache became ready");
+    Server {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+fn sec_protocol(init: Value, token: Option<&str>) -> String {
+    let mut body = json!({"initConnectionMessage": ["initConnection", init]});
+    if let Some(t) = token {
+        body["authToken"] = json!(t);
+    }
+    let b64 = base64::engine::general_purpose::STANDARD.encode(body.to_string());
+    percent_encoding::utf8_percent_encode(&b64, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+type Ws = WebSocket<TcpStream>;
+
+fn connect(port: u16, path_and_query: &str, protocol: &str) -> (Ws, String) {
+    let stream = TcpStream::connect(("127.0.0.1", port)).expect("tcp");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut req = format!("ws://127.0.0.1:{port}{path_and_query}")
+        .into_client_request()
+        .expect("request");
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_str(protocol).expect("header"),
+    );
+    let (ws, resp) = tungstenite::client(req, stream).expect("handshake");
+    let echoed = resp
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (ws, echoed)
+}
+
+fn next(ws: &mut Ws) -> Value {
+    loop {
+        match ws.read().expect("message") {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON"),
+            Message::Close(_) => panic!("closed by server"),
+            _ => continue,
+        }
+    }
+}
+
+/// Reads one whole poke: (baseCookie, cookie, merged rowsPatch, got hashes, lmids).
+struct Poke {
+    base: Value,
+    cookie: String,
+    rows: Vec<Value>,
+    got: Vec<String>,
+    desired: Vec<String>,
+}
+
+fn read_poke(ws: &mut Ws) -> Poke {
+    let start = next(ws);
+    assert_eq!(start[0], "pokeStart", "expected pokeStart, got {start}");
+    let mut poke = Poke {
+        base: start[1]["baseCookie"].clone(),
+        cookie: String::new(),
+        rows: vec![],
+        got: vec![],
+        desired: vec![],
+    };
+    loop {
+        let m = next(ws);
+        match m[0].as_str() {
+            Some("pokePart") => {
+                poke.rows
+                    .extend(m[1]["rowsPatch"].as_array().cloned().unwrap_or_default());
+                for g in m[1]["gotQueriesPatch"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                {
+                    poke.got.push(format!(
+                        "{} {}",
+                        g["op"].as_str().unwrap_or(""),
+                        g["hash"].as_str().unwrap_or("")
+                    ));
+                }
+                if let Some(d) = m[1]["desiredQueriesPatches"].as_object() {
+                    for ops in d.values() {
+                        for op in ops.as_array().cloned().unwrap_or_default() {
+                            poke.desired.push(format!(
+                                "{} {}",
+                                op["op"].as_str().unwrap_or(""),
+                                op["hash"].as_str().unwrap_or("")
+                            ));
+                        }
+                    }
+                }
+            }
+            Some("pokeEnd") => {
+                poke.cookie = m[1]["cookie"].as_str().expect("cookie").to_string();
+                assert_eq!(m[1]["pokeID"], start[1]["pokeID"]);
+                return poke;
+            }
+            _ => panic!("unexpected message inside a poke: {m}"),
+        }
+    }
+}
+
+fn open_issues_ast() -> Value {
+    json!({
+        "table": "issue",
+        "where": {"type": "simple", "op": "=", "left": {"type": "column", "name": "status"}, "right": {"type": "literal", "value": "open"}},
+        "orderBy": [["created", "desc"]],
+        "limit": 5,
+        "related": [{"correlation": {"parentField": ["id"], "childField": ["issue_id"]},
+                     "subquery": {"table": "comment", "alias": "comments", "orderBy": [["id", "asc"]]}}]
+    })
+}
+
+fn init_with(ast: Value) -> Value {
+    json!({"desiredQueriesPatch": [{"op": "put", "hash": "q1", "ast": ast, "ttl": 300000}]})
+}
+
+fn ids(rows: &[Value], table: &str) -> Vec<String> {
+    let mut out: Vec<String> = rows
+        .iter()
+        .filter(|r| r["tableName"] == table && r["op"] == "put")
+        .map(|r| r["value"]["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    out.sort();
+    out
+}
+
+fn sql_ids(pg: &PgCluster, sql: &str) -> Vec<String> {
+    let mut out: Vec<String> = pg
+        .psql("app", sql)
+        .expect("sql")
+        .lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn zero_protocol_over_real_sockets() {
+    let pg = PgCluster::start(PgClusterOptions::default()).expect("postgres");
+    seed(&pg);
+    let server = start_zcache(&pg);
+    let port = server.port;
+
+    // Plain HTTP health check.
+    let health = ureq::get(&format!("http://127.0.0.1:{port}/"))
+        .call()
+        .expect("GET /");
+    assert_eq!(health.into_string().expect("body"), "OK");
+
+    // A protocol version the server does not speak: upgrade, then VersionNotSupported.
+    let (mut ws, _) = connect(
+        port,
+        "/sync/v99/connect?clientID=a&clientGroupID=g&ts=1&lmid=0",
+        "e30%3D",
+    );
+    let err = next(&mut ws);
+    assert_eq!(err[0], "error");
+    assert_eq!(err[1]["kind"], "VersionNotSupported");
+
+    // A connect URL without clientID.
+    let (mut ws, _) = connect(
+        port,
+        "/sync/v51/connect?clientGroupID=g&ts=1&lmid=0",
+        "e30%3D",
+    );
+    assert_eq!(next(&mut ws)[1]["kind"], "InvalidConnectionRequest");
+
+    // A real session: the embedded initConnection, the echoed protocol, two pokes.
+    let protocol = sec_protocol(init_with(open_issues_ast()), Some("tok"));
+    let (mut ws, echoed) = connect(
+        port,
+        "/sync/v51/connect?clientID=c1&clientGroupID=g1&baseCookie=&ts=1.5&lmid=0&wsid=w1",
+        &protocol,
+    );
+    assert_eq!(
+        echoed, protocol,
+        "Sec-WebSocket-Protocol must be echoed verbatim"
+    );
+    let connected = next(&mut ws);
+    assert_eq!(connected[0], "connected");
+    assert_eq!(connected[1]["wsid"], "w1");
+
+    let config = read_poke(&mut ws);
+    assert_eq!(config.base, Value::Null);
+    assert_eq!(config.desired, vec!["put q1"]);
+    let hydrate = read_poke(&mut ws);
+    assert_eq!(hydrate.base, json!(config.cookie));
+    assert!(
+        hydrate.cookie > config.cookie,
+        "cookies grow: {} then {}",
+        config.cookie,
+        hydrate.cookie
+    );
+    assert_eq!(hydrate.got, vec!["put q1"]);
+    let want_issues = sql_ids(
+        &pg,
+        "SELECT id FROM issue WHERE status = 'open' ORDER BY created DESC, id LIMIT 5",
+    );
+    assert_eq!(ids(&hydrate.rows, "issue"), want_issues);
+    let want_comments = sql_ids(&pg, "SELECT c.id FROM comment c JOIN (SELECT id FROM issue WHERE status = 'open' ORDER BY created DESC, id LIMIT 5) i ON c.issue_id = i.id");
+    assert_eq!(ids(&hydrate.rows, "comment"), want_comments);
+
+    // ping -> pong
+    ws.send(Message::text("[\"ping\",{}]")).expect("send ping");
+    assert_eq!(next(&mut ws), json!(["pong", {}]));
+
+    // An upstream insert that enters the window: one poke with the new row, chained cookie.
+    pg.psql(
+        "app",
+        "INSERT INTO issue VALUES ('new', 'New issue', 'open', 99999)",
+    )
+    .expect("insert");
+    let change = read_poke(&mut ws);
+    assert_eq!(change.base, json!(hydrate.cookie));
+    let puts = ids(&change.rows, "issue");
+    assert_eq!(puts, vec!["new"]);
+    let dels: Vec<&Value> = change.rows.iter().filter(|r| r["op"] == "del").collect();
+    assert!(
+        dels.iter().any(|r| r["tableName"] == "issue"),
+        "the 6th issue leaves the window: {:?}",
+        change.rows
+    );
+
+    // A second client of the same group joining with no cookie gets everything at once.
+    let protocol2 = sec_protocol(json!({"desiredQueriesPatch": []}), None);
+    let (mut ws2, _) = connect(
+        port,
+        "/sync/v51/connect?clientID=c2&clientGroupID=g1&baseCookie=&ts=1&lmid=0&wsid=w2",
+        &protocol2,
+    );
+    assert_eq!(next(&mut ws2)[0], "connected");
+    let catchup = read_poke(&mut ws2);
+    let mut all = catchup.rows.clone();
+    // A config poke (client record) may come first; merge until the cookie matches client 1.
+    let mut cookie = catchup.cookie.clone();
+    let deadline = Instant::now() + WAIT;
+    while ids(&all, "issue").len() < 5 && Instant::now() < deadline {
+        let p = read_poke(&mut ws2);
+        all.extend(p.rows);
+        cookie = p.cookie;
+    }
+    let want_now = sql_ids(
+        &pg,
+        "SELECT id FROM issue WHERE status = 'open' ORDER BY created DESC, id LIMIT 5",
+    );
+    assert_eq!(ids(&all, "issue"), want_now);
+    assert!(!cookie.is_empty());
+
+    // Invalid JSON: InvalidMessage, then the socket closes.
+    ws.send(Message::text("not json")).expect("send");
+    let err = next(&mut ws);
+    assert_eq!(err[1]["kind"], "InvalidMessage");
+
+    // A cookie this server never issued.
+    let (mut ws3, _) = connect(
+        port,
+        "/sync/v51/connect?clientID=c9&clientGroupID=unknown&baseCookie=zz&ts=1&lmid=0",
+        "e30%3D",
+    );
+    assert_eq!(
+        next(&mut ws3)[1]["kind"],
+        "InvalidConnectionRequestBaseCookie"
+    );
+    // A valid-looking cookie for a group this server does not know.
+    let (mut ws4, _) = connect(
+        port,
+        "/sync/v51/connect?clientID=c9&clientGroupID=unknown2&baseCookie=110&ts=1&lmid=0",
+        "e30%3D",
+    );
+    assert_eq!(next(&mut ws4)[0], "connected");
+    assert_eq!(next(&mut ws4)[1]["kind"], "ClientNotFound");
+    drop(server);
+}
+
+#[test]
+fn bad_upstream_settings_stop_with_one_clear_line() {
+    // Nothing listens on this port.
+    let port = free_port();
+    let out = Command::new(env!("CARGO_BIN_EXE_zcache"))
+        .args([
+            "--upstream-db",
+            &format!("postgres://postgres@127.0.0.1:{port}/x"),
+            "--port",
+            &free_port().to_string(),
+        ])
+        .arg("--replica-file")
+        .arg(std::env::temp_dir().join(format!("zc-bad-{port}.db")))
+        .output()
+        .expect("run zcache");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("could not connect to Postgres"), "{stderr}");
+
+    // wal_level not logical.
+    let pg = PgCluster::start(PgClusterOptions {
+        extra_conf: vec!["wal_level = replica".into()],
+        ..Default::default()
+    })
+    .expect("postgres");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_zcache"))
+        .args([
+            "--upstream-db",
+            &pg.url("postgres"),
+            "--port",
+            &free_port().to_string(),
+        ])
+        .arg("--replica-file")
+        .arg(dir.path().join("r.db"))
+        .output()
+        .expect("run zcache");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("wal_level = logical"), "{stderr}");
+
+    // The port is taken.
+    let taken = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    let taken_port = taken.local_addr().expect("addr").port();
+    let out = Command::new(env!("CARGO_BIN_EXE_zcache"))
+        .args([
+            "--upstream-db",
+            &pg.url("postgres"),
+            "--port",
+            &taken_port.to_string(),
+        ])
+        .output()
+        .expect("run zcache");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("port {taken_port} is already in use")),
+        "{stderr}"
+    );
+}
