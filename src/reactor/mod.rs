@@ -234,7 +234,7 @@ async fn run_syncer(
         glommio::spawn_local(async move {
             let rx = version_rx.connect().await;
             while let Some(v) = rx.recv().await {
-                shard.on_version(v).await;
+                shard.on_version(v);
             }
         })
         .detach();

@@ -104,6 +104,8 @@ impl Group {
         init: InitConnection,
     ) -> GroupResult<()> {
         let _permit = self.locked().await?;
+        // Changes that arrived while nobody of the group was connected.
+        self.advance_locked(shard)?;
         self.cvr.borrow_mut().ensure_client(&conn.client_id);
         self.apply_config(&conn.client_id, &init.desired_queries_patch);
         self.hydrate(shard).await?;
@@ -240,6 +242,11 @@ impl Group {
     /// Re-evaluates the queries that read a changed table and pokes what changed.
     pub async fn advance(&self, shard: &Shard) -> GroupResult<()> {
         let _permit = self.locked().await?;
+        self.advance_locked(shard)
+    }
+
+    /// `advance` for a caller that holds the lock.
+    fn advance_locked(&self, shard: &Shard) -> GroupResult<()> {
         let tables = std::mem::take(&mut *self.pending_tables.borrow_mut());
         if tables.is_empty() {
             return Ok(());

@@ -98,19 +98,30 @@ impl Shard {
     }
 
     /// A new replica version: every group that reads a changed table advances.
-    pub async fn on_version(&self, v: VersionReady) {
+    /// Groups without sockets only remember the tables; they catch up when a client returns.
+    /// Each group advances in its own task, so one group waiting for the app server holds up
+    /// no other.
+    pub fn on_version(self: &Rc<Self>, v: VersionReady) {
         if let Err(e) = self.reader.borrow_mut().reload_specs() {
             tracing::error!(error = %e, "cannot reload replica table specs");
         }
         let groups: Vec<Rc<Group>> = self.groups.borrow().values().cloned().collect();
         for g in groups {
             g.note_changed_tables(&v.tables);
-            if let Err(e) = g.advance(self).await {
-                tracing::warn!(group = %g.id, error = %e, "advance failed");
-                for c in g.conns.borrow().values() {
-                    c.fail(&e);
-                }
+            if !g.has_connections() {
+                continue;
             }
+            let shard = self.clone();
+            glommio::spawn_local(async move {
+                if let Err(e) = g.advance(&shard).await {
+                    tracing::warn!(group = %g.id, error = %e, "advance failed");
+                    let conns: Vec<_> = g.conns.borrow().values().cloned().collect();
+                    for c in conns {
+                        c.fail(&e);
+                    }
+                }
+            })
+            .detach();
         }
     }
 }
