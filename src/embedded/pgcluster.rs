@@ -179,7 +179,13 @@ impl PgCluster {
     }
 
     pub fn url(&self, db: &str) -> String {
-        let db = percent_encoding::utf8_percent_encode(db, percent_encoding::NON_ALPHANUMERIC);
+        // Everything but RFC 3986's unreserved characters.
+        const PATH: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+            .remove(b'-')
+            .remove(b'_')
+            .remove(b'.')
+            .remove(b'~');
+        let db = percent_encoding::utf8_percent_encode(db, PATH);
         format!("postgres://postgres@127.0.0.1:{}/{}", self.port, db)
     }
 
