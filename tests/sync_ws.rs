@@ -332,6 +332,28 @@ fn zero_protocol_over_real_sockets() {
     assert_eq!(ids(&all, "issue"), want_now);
     assert!(!cookie.is_empty());
 
+    // Sockets of many groups: whichever shard accepts a socket, the owning shard serves it
+    // (handed over when needed) and every client gets its pokes.
+    let groups: Vec<String> = (0..8).map(|i| format!("group-{i}")).collect();
+    let owners: std::collections::BTreeSet<usize> = groups
+        .iter()
+        .map(|g| zcache::shards::owner_shard(g, 2))
+        .collect();
+    assert_eq!(owners.len(), 2, "the groups cover both shards");
+    for g in &groups {
+        let p = sec_protocol(init_with(open_issues_ast()), None);
+        let (mut w, _) = connect(
+            port,
+            &format!(
+                "/sync/v51/connect?clientID=x&clientGroupID={g}&baseCookie=&ts=1&lmid=0&wsid=w"
+            ),
+            &p,
+        );
+        assert_eq!(next(&mut w)[0], "connected");
+        assert_eq!(read_poke(&mut w).desired, vec!["put q1"]);
+        assert_eq!(ids(&read_poke(&mut w).rows, "issue"), want_now);
+    }
+
     // Invalid JSON: InvalidMessage, then the socket closes.
     ws.send(Message::text("not json")).expect("send");
     let err = next(&mut ws);

@@ -30,6 +30,9 @@ pub struct Group {
 
 pub type GroupResult<T> = Result<T, ProtocolError>;
 
+/// Sockets one client group may have open at once (one per tab, typically a handful).
+pub const SOCKETS_PER_GROUP_MAX: usize = 1024;
+
 impl Group {
     pub fn new(id: &str) -> Self {
         Group {
@@ -75,6 +78,17 @@ impl Group {
             }
         }
         drop(cvr);
+        let conns = self.conns.borrow();
+        if conns.len() >= SOCKETS_PER_GROUP_MAX && !conns.contains_key(&conn.client_id) {
+            return Err(ProtocolError::new(
+                ErrorKind::ServerOverloaded,
+                format!(
+                    "client group {} has {SOCKETS_PER_GROUP_MAX} sockets open",
+                    self.id
+                ),
+            ));
+        }
+        drop(conns);
         if let Some(old) = self.conns.borrow_mut().insert(conn.client_id.clone(), conn) {
             old.close_silently();
         }
