@@ -151,6 +151,9 @@ async fn stream(
     tracing::info!(slot = %p.slot, from = %start, "streaming changes");
     let mut applier = Applier::default();
     let mut confirmed = start;
+    // The WAL end keepalives reported between transactions: applied (nothing in it was
+    // published) but recorded in the replica only when it is about to be confirmed.
+    let mut idle_end = start;
     loop {
         let tick = async {
             glommio::timer::sleep(Duration::from_millis(STATUS_INTERVAL_MS)).await;
@@ -158,6 +161,7 @@ async fn stream(
         };
         let event = futures_lite::future::or(async { Some(stream.recv().await) }, tick).await;
         let Some(event) = event else {
+            confirmed = record_idle_end(&p.replica, &applier, idle_end, confirmed)?;
             stream
                 .send_status(confirmed, confirmed, confirmed, false)
                 .await?;
@@ -187,10 +191,11 @@ async fn stream(
                 ..
             } => {
                 // Idle between transactions, everything up to wal_end is applied or irrelevant.
-                if !applier.in_transaction() && wal_end > confirmed {
-                    confirmed = wal_end;
+                if !applier.in_transaction() && wal_end > idle_end {
+                    idle_end = wal_end;
                 }
                 if reply_requested {
+                    confirmed = record_idle_end(&p.replica, &applier, idle_end, confirmed)?;
                     stream
                         .send_status(confirmed, confirmed, confirmed, false)
                         .await?;
@@ -198,4 +203,23 @@ async fn stream(
             }
         }
     }
+}
+
+/// Moves the replica's watermark to `idle_end` (WAL passed between transactions) so it can be
+/// confirmed, keeping the invariant that Postgres never considers delivered an LSN the replica
+/// does not record as applied. Confirming idle WAL lets Postgres recycle it while the
+/// published tables are quiet. Returns the LSN that may now be confirmed.
+fn record_idle_end(
+    replica: &Replica,
+    applier: &Applier,
+    idle_end: Lsn,
+    confirmed: Lsn,
+) -> Result<Lsn, ReplError> {
+    if applier.in_transaction() || idle_end <= confirmed {
+        return Ok(confirmed);
+    }
+    replica.begin()?;
+    replica.commit(idle_end.0)?;
+    debug_assert_eq!(replica.watermark().ok().flatten(), Some(idle_end.0));
+    Ok(idle_end)
 }

@@ -20,6 +20,35 @@ pub mod oid {
     pub const TIMESTAMPTZ: u32 = 1184;
     pub const NUMERIC: u32 = 1700;
     pub const JSONB: u32 = 3802;
+    pub const BOOL_ARRAY: u32 = 1000;
+    pub const INT2_ARRAY: u32 = 1005;
+    pub const INT4_ARRAY: u32 = 1007;
+    pub const INT8_ARRAY: u32 = 1016;
+    pub const FLOAT4_ARRAY: u32 = 1021;
+    pub const FLOAT8_ARRAY: u32 = 1022;
+    pub const OID_ARRAY: u32 = 1028;
+    pub const NUMERIC_ARRAY: u32 = 1231;
+}
+
+/// What the elements of an array type become in its JSON form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArrayElems {
+    Numbers,
+    Booleans,
+    /// Every other element type (text, uuid, enums, times, ...): its text form, always a
+    /// string, even when it reads like a number or a boolean (`{123,t}` of text[]).
+    Strings,
+}
+
+/// The element kind of an array type, by the array type's OID.
+pub fn array_elems(array_type_oid: u32) -> ArrayElems {
+    use oid::*;
+    match array_type_oid {
+        BOOL_ARRAY => ArrayElems::Booleans,
+        INT2_ARRAY | INT4_ARRAY | INT8_ARRAY | FLOAT4_ARRAY | FLOAT8_ARRAY | OID_ARRAY
+        | NUMERIC_ARRAY => ArrayElems::Numbers,
+        _ => ArrayElems::Strings,
+    }
 }
 
 /// How a column of a Postgres type is kept: `None` for types zero-cache does not sync.
@@ -91,9 +120,9 @@ pub fn decode_text(type_oid: u32, kind: ColumnKind, text: &str) -> Result<Value,
             _ => Value::Float(text.parse().map_err(|_| err("not a number"))?),
         },
         (ColumnKind::Json, JSON | JSONB) => Value::Json(text.to_string()),
-        (ColumnKind::Json, _) => {
-            Value::Json(array_to_json(text).ok_or_else(|| err("not an array"))?)
-        }
+        (ColumnKind::Json, _) => Value::Json(
+            array_to_json(text, array_elems(type_oid)).ok_or_else(|| err("not an array"))?,
+        ),
         _ => Value::Text(text.to_string()),
     })
 }
@@ -165,9 +194,9 @@ pub fn parse_timestamp_ms(text: &str) -> Option<f64> {
 }
 
 /// Converts a Postgres array literal (`{1,2}`, `{"a b",NULL}`, nested) to JSON text.
-/// Elements are emitted as JSON strings unless they look numeric or boolean-free (numbers are
-/// unquoted, `NULL` becomes null).
-pub fn array_to_json(text: &str) -> Option<String> {
+/// An unquoted `NULL` becomes null; other unquoted elements are numbers or booleans only when
+/// `elems` says the array holds them, quoted elements are always strings.
+pub fn array_to_json(text: &str, elems: ArrayElems) -> Option<String> {
     let bytes = text.as_bytes();
     // Skip an optional dimension decoration like `[1:2]=`.
     let start = if bytes.first() == Some(&b'[') {
@@ -177,11 +206,11 @@ pub fn array_to_json(text: &str) -> Option<String> {
     };
     let mut out = String::with_capacity(text.len() + 8);
     let mut pos = start;
-    parse_array(bytes, &mut pos, &mut out)?;
+    parse_array(bytes, &mut pos, &mut out, elems)?;
     (pos == bytes.len()).then_some(out)
 }
 
-fn parse_array(b: &[u8], pos: &mut usize, out: &mut String) -> Option<()> {
+fn parse_array(b: &[u8], pos: &mut usize, out: &mut String, elems: ArrayElems) -> Option<()> {
     if b.get(*pos) != Some(&b'{') {
         return None;
     }
@@ -194,7 +223,7 @@ fn parse_array(b: &[u8], pos: &mut usize, out: &mut String) -> Option<()> {
     }
     loop {
         match b.get(*pos)? {
-            b'{' => parse_array(b, pos, out)?,
+            b'{' => parse_array(b, pos, out, elems)?,
             b'"' => {
                 *pos += 1;
                 let mut s = Vec::new();
@@ -222,15 +251,15 @@ fn parse_array(b: &[u8], pos: &mut usize, out: &mut String) -> Option<()> {
                     *pos += 1;
                 }
                 let raw = std::str::from_utf8(&b[begin..*pos]).ok()?;
-                if raw == "NULL" {
-                    out.push_str("null");
-                } else if raw.parse::<f64>().is_ok()
+                let is_number = raw.parse::<f64>().is_ok()
                     && raw
                         .bytes()
-                        .all(|c| c.is_ascii_digit() || b"+-.eE".contains(&c))
-                {
+                        .all(|c| c.is_ascii_digit() || b"+-.eE".contains(&c));
+                if raw == "NULL" {
+                    out.push_str("null");
+                } else if elems == ArrayElems::Numbers && is_number {
                     out.push_str(raw);
-                } else if raw == "t" || raw == "f" {
+                } else if elems == ArrayElems::Booleans && (raw == "t" || raw == "f") {
                     out.push_str(if raw == "t" { "true" } else { "false" });
                 } else {
                     crate::zql::value::write_json_string(raw, out);
@@ -337,17 +366,33 @@ mod tests {
 
     #[test]
     fn arrays_to_json() {
-        assert_eq!(array_to_json("{}").as_deref(), Some("[]"));
-        assert_eq!(array_to_json("{1,2,3}").as_deref(), Some("[1,2,3]"));
+        use ArrayElems::*;
+        assert_eq!(array_to_json("{}", Numbers).as_deref(), Some("[]"));
         assert_eq!(
-            array_to_json(r#"{"a b",NULL,c,"q\"x"}"#).as_deref(),
+            array_to_json("{1,2,3}", Numbers).as_deref(),
+            Some("[1,2,3]")
+        );
+        assert_eq!(
+            array_to_json(r#"{"a b",NULL,c,"q\"x"}"#, Strings).as_deref(),
             Some(r#"["a b",null,"c","q\"x"]"#)
         );
         assert_eq!(
-            array_to_json("{{1,2},{3,4}}").as_deref(),
+            array_to_json("{{1,2},{3,4}}", Numbers).as_deref(),
             Some("[[1,2],[3,4]]")
         );
-        assert_eq!(array_to_json("{1,2"), None);
+        assert_eq!(array_to_json("{1,2", Numbers), None);
+        // text[] elements that read like numbers or booleans are still strings
+        assert_eq!(
+            array_to_json("{123,t,1e5,NULL}", Strings).as_deref(),
+            Some(r#"["123","t","1e5",null]"#)
+        );
+        assert_eq!(
+            array_to_json("{t,f,NULL}", Booleans).as_deref(),
+            Some("[true,false,null]")
+        );
+        assert_eq!(array_elems(oid::INT4_ARRAY), Numbers);
+        assert_eq!(array_elems(oid::BOOL_ARRAY), Booleans);
+        assert_eq!(array_elems(1009), Strings); // text[]
     }
 
     #[test]
@@ -385,7 +430,8 @@ mod tests {
         #[test]
         fn decoders_never_panic(s: String, b: Vec<u8>) {
             let _ = parse_timestamp_ms(&s);
-            let _ = array_to_json(&s);
+            let _ = array_to_json(&s, ArrayElems::Strings);
+            let _ = array_to_json(&s, ArrayElems::Numbers);
             let _ = split_copy_line(&b);
         }
     }
