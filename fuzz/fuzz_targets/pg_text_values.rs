@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use zcache::sqlite::pgtypes::{array_to_json, parse_timestamp_ms, split_copy_line};
+use zcache::sqlite::pgtypes::{array_to_json, parse_timestamp_ms, split_copy_line, ArrayElems};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(fields) = split_copy_line(data) {
@@ -24,8 +24,10 @@ fuzz_target!(|data: &[u8]| {
     if let Some(ms) = parse_timestamp_ms(text) {
         assert!(!ms.is_nan());
     }
-    if let Some(json) = array_to_json(text) {
-        check_json_array(&json);
+    for elems in [ArrayElems::Numbers, ArrayElems::Booleans, ArrayElems::Strings] {
+        if let Some(json) = array_to_json(text, elems) {
+            check_json_array(&json);
+        }
     }
 });
 

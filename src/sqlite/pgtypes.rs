@@ -251,14 +251,10 @@ fn parse_array(b: &[u8], pos: &mut usize, out: &mut String, elems: ArrayElems) -
                     *pos += 1;
                 }
                 let raw = std::str::from_utf8(&b[begin..*pos]).ok()?;
-                let is_number = raw.parse::<f64>().is_ok()
-                    && raw
-                        .bytes()
-                        .all(|c| c.is_ascii_digit() || b"+-.eE".contains(&c));
                 if raw == "NULL" {
                     out.push_str("null");
-                } else if elems == ArrayElems::Numbers && is_number {
-                    out.push_str(raw);
+                } else if elems == ArrayElems::Numbers {
+                    write_json_number(raw, out);
                 } else if elems == ArrayElems::Booleans && (raw == "t" || raw == "f") {
                     out.push_str(if raw == "t" { "true" } else { "false" });
                 } else {
@@ -278,6 +274,19 @@ fn parse_array(b: &[u8], pos: &mut usize, out: &mut String, elems: ArrayElems) -
             }
             _ => return None,
         }
+    }
+}
+
+/// A numeric array element as a JSON number: verbatim when it already is valid JSON, else
+/// its f64 value; NaN and infinities (which JSON lacks) become null, as `JSON.stringify` does.
+fn write_json_number(raw: &str, out: &mut String) {
+    if serde_json::from_str::<serde_json::Number>(raw).is_ok() {
+        out.push_str(raw);
+        return;
+    }
+    match raw.parse::<f64>() {
+        Ok(f) if f.is_finite() => Value::Float(f).write_json(out),
+        _ => out.push_str("null"),
     }
 }
 
@@ -381,6 +390,11 @@ mod tests {
             Some("[[1,2],[3,4]]")
         );
         assert_eq!(array_to_json("{1,2", Numbers), None);
+        // Postgres' forms that are not JSON numbers (found by fuzzing).
+        assert_eq!(
+            array_to_json("{-08,0.,+1,.5,NaN,Infinity}", Numbers).as_deref(),
+            Some("[-8,0,1,0.5,null,null]")
+        );
         // text[] elements that read like numbers or booleans are still strings
         assert_eq!(
             array_to_json("{123,t,1e5,NULL}", Strings).as_deref(),
