@@ -47,7 +47,7 @@ run_zero_cache() {
   ./setup.sh >/dev/null
   ./start-zero.sh fresh | grep -E "answering|initial sync|process tree"
   node client.mjs | grep -v "connection state"
-  BENCH_JSON="$RESULTS/zero-cache.json" node bench.mjs "$UPDATES" "$CLIENTS" | sed -n '/^summary/,$p'
+  SERVER_PID="$(cat "$WORK_DIR/zero-cache.pid")" BENCH_JSON="$RESULTS/zero-cache.json" node bench.mjs "$UPDATES" "$CLIENTS" | sed -n '/^summary/,$p'
   ./stop.sh keep-pg >/dev/null
 }
 
