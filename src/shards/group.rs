@@ -192,39 +192,52 @@ impl Group {
                 self.send_to_all(down::transform_error(&errors));
             }
         }
+        let mut failed = Vec::new();
+        self.in_snapshot(shard, |reader, cvr, at| {
+            let mut changed = false;
+            for hash in cvr.undesired_queries() {
+                self.queries.borrow_mut().forget(&hash);
+                changed |= cvr.remove_query(&hash, at);
+            }
+            let pending: Vec<String> = self.queries.borrow().ungot_with_ast(cvr);
+            for hash in pending {
+                match eval::evaluate_into(reader, &self.queries.borrow(), cvr, &hash, at) {
+                    Ok(c) => changed |= c,
+                    Err(e) => failed.push((hash, e.to_string())),
+                }
+            }
+            changed |= eval::refresh_mutation_state(reader, &shard.shard_schema, cvr, at)?;
+            Ok(changed)
+        })?;
+        if !failed.is_empty() {
+            self.report_failed_queries(failed);
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on one read snapshot of the replica, at the data version that snapshot gives;
+    /// the CVR moves to that version if `f` changed anything.
+    fn in_snapshot<F>(&self, shard: &Shard, f: F) -> GroupResult<bool>
+    where
+        F: FnOnce(
+            &crate::sqlite::ReplicaReader,
+            &mut crate::cvr::Cvr,
+            Version,
+        ) -> GroupResult<bool>,
+    {
         let reader = shard.reader.borrow();
         let mut cvr = self.cvr.borrow_mut();
         let state = reader
             .begin_snapshot()
             .map_err(|e| ProtocolError::new(ErrorKind::Internal, e.to_string()))?;
         let at = cvr.next_data_version(state);
-        let mut failed = Vec::new();
-        let result = (|| {
-            let mut changed = false;
-            for hash in cvr.undesired_queries() {
-                self.queries.borrow_mut().forget(&hash);
-                changed |= cvr.remove_query(&hash, at);
-            }
-            let pending: Vec<String> = self.queries.borrow().ungot_with_ast(&cvr);
-            for hash in pending {
-                match eval::evaluate_into(&reader, &self.queries.borrow(), &mut cvr, &hash, at) {
-                    Ok(c) => changed |= c,
-                    Err(e) => failed.push((hash, e.to_string())),
-                }
-            }
-            changed |= eval::refresh_mutation_state(&reader, &shard.shard_schema, &mut cvr, at)?;
-            Ok::<bool, ProtocolError>(changed)
-        })();
+        let result = f(&reader, &mut cvr, at);
         let _ = reader.end_snapshot();
-        if result? {
+        let changed = result?;
+        if changed {
             cvr.version = at;
         }
-        drop(cvr);
-        drop(reader);
-        if !failed.is_empty() {
-            self.report_failed_queries(failed);
-        }
-        Ok(())
+        Ok(changed)
     }
 
     /// Queries whose AST cannot run here (unknown table or column, ...): the client is told
@@ -265,37 +278,23 @@ impl Group {
         if tables.is_empty() {
             return Ok(());
         }
-        let reader = shard.reader.borrow();
-        let mut cvr = self.cvr.borrow_mut();
-        let state = reader
-            .begin_snapshot()
-            .map_err(|e| ProtocolError::new(ErrorKind::Internal, e.to_string()))?;
-        let at = cvr.next_data_version(state);
-        let result = (|| {
+        let mutation_tables = format!("{}.", shard.shard_schema);
+        let changed = self.in_snapshot(shard, |reader, cvr, at| {
             let mut changed = false;
-            let affected = self.queries.borrow().affected_by(&cvr, &tables);
-            for hash in affected {
-                match eval::evaluate_into(&reader, &self.queries.borrow(), &mut cvr, &hash, at) {
+            for hash in self.queries.borrow().affected_by(cvr, &tables) {
+                match eval::evaluate_into(reader, &self.queries.borrow(), cvr, &hash, at) {
                     Ok(c) => changed |= c,
                     Err(e) => {
                         tracing::warn!(group = %self.id, query = %hash, error = %e, "re-evaluation failed")
                     }
                 }
             }
-            if tables
-                .iter()
-                .any(|t| t.starts_with(&format!("{}.", shard.shard_schema)))
-            {
-                changed |=
-                    eval::refresh_mutation_state(&reader, &shard.shard_schema, &mut cvr, at)?;
+            if tables.iter().any(|t| t.starts_with(&mutation_tables)) {
+                changed |= eval::refresh_mutation_state(reader, &shard.shard_schema, cvr, at)?;
             }
-            Ok::<bool, ProtocolError>(changed)
-        })();
-        let _ = reader.end_snapshot();
-        if result? {
-            cvr.version = at;
-            drop(cvr);
-            drop(reader);
+            Ok(changed)
+        })?;
+        if changed {
             self.poke_all();
         }
         Ok(())

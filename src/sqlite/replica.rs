@@ -188,16 +188,10 @@ impl Replica {
     pub fn delete(&self, table: &str, key: &[Value]) -> Result<(), ReplicaError> {
         let spec = self.spec(table)?;
         debug_assert_eq!(spec.primary_key.len(), key.len());
-        let conds: Vec<String> = spec
-            .primary_key
-            .iter()
-            .enumerate()
-            .map(|(n, &i)| format!("{} = ?{}", quote_ident(&spec.columns[i].name), n + 1))
-            .collect();
         let sql = format!(
             "DELETE FROM {} WHERE {}",
             quote_ident(table),
-            conds.join(" AND ")
+            key_condition(spec)
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
         stmt.execute(rusqlite::params_from_iter(key.iter().map(to_sql)))?;
@@ -208,17 +202,11 @@ impl Replica {
     pub fn get(&self, table: &str, key: &[Value]) -> Result<Option<Row>, ReplicaError> {
         let spec = self.spec(table)?;
         let cols: Vec<String> = spec.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let conds: Vec<String> = spec
-            .primary_key
-            .iter()
-            .enumerate()
-            .map(|(n, &i)| format!("{} = ?{}", quote_ident(&spec.columns[i].name), n + 1))
-            .collect();
         let sql = format!(
             "SELECT {} FROM {} WHERE {}",
             cols.join(", "),
             quote_ident(table),
-            conds.join(" AND ")
+            key_condition(spec)
         );
         let mut stmt = self.conn.prepare_cached(&sql)?;
         let mut rows = stmt.query(rusqlite::params_from_iter(key.iter().map(to_sql)))?;
@@ -248,6 +236,17 @@ impl Replica {
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
         Ok(())
     }
+}
+
+/// `"k1" = ?1 AND "k2" = ?2`: the primary key, bound in key order.
+fn key_condition(spec: &TableSpec) -> String {
+    let conds: Vec<String> = spec
+        .primary_key
+        .iter()
+        .enumerate()
+        .map(|(n, &i)| format!("{} = ?{}", quote_ident(&spec.columns[i].name), n + 1))
+        .collect();
+    conds.join(" AND ")
 }
 
 pub fn to_sql(v: &Value) -> rusqlite::types::Value {
