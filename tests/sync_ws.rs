@@ -44,7 +44,9 @@ fn seed(pg: &PgCluster) {
          CREATE INDEX ON comment (issue_id);
          INSERT INTO issue SELECT 'i' || i, 'Issue ' || i, (ARRAY['open','closed'])[1 + i % 2], 1000 + i
            FROM generate_series(1, 50) i;
-         INSERT INTO comment SELECT 'c' || i, 'i' || (1 + i % 50), 'Body ' || i FROM generate_series(1, 150) i;",
+         INSERT INTO comment SELECT 'c' || i, 'i' || (1 + i % 50), 'Body ' || i FROM generate_series(1, 150) i;
+         CREATE TABLE big (id TEXT PRIMARY KEY, n BIGINT);
+         INSERT INTO big VALUES ('safe', 9007199254740991), ('unsafe', 9007199254740993);",
     )
     .expect("seed");
 }
@@ -353,6 +355,16 @@ fn zero_protocol_over_real_sockets() {
         assert_eq!(read_poke(&mut w).desired, vec!["put q1"]);
         assert_eq!(ids(&read_poke(&mut w).rows, "issue"), want_now);
     }
+
+    // An int8 beyond 2^53 is refused with a clear error, never sent as a wrong number.
+    let p = sec_protocol(init_with(json!({"table": "big", "orderBy": [["id", "asc"]]})), None);
+    let (mut w, _) = connect(port, "/sync/v51/connect?clientID=b&clientGroupID=big-group&baseCookie=&ts=1&lmid=0&wsid=w", &p);
+    assert_eq!(next(&mut w)[0], "connected");
+    read_poke(&mut w);
+    let err = next(&mut w);
+    assert_eq!(err[0], "transformError", "{err}");
+    let message = err[1][0]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("big.n = 9007199254740993 is beyond 2^53"), "{message}");
 
     // Invalid JSON: InvalidMessage, then the socket closes.
     ws.send(Message::text("not json")).expect("send");

@@ -272,11 +272,14 @@ pub fn write_row_object(spec: &TableSpec, row: &Row, out: &mut String) {
     out.push('}');
 }
 
-/// Whether every integer in the row fits a JavaScript number (zero-cache's ensureSafeJSON).
-pub fn row_is_js_safe(row: &Row) -> bool {
-    row.iter().all(|v| match v {
-        Value::Int(i) => i.unsigned_abs() <= crate::zql::value::JS_SAFE_INTEGER_MAX as u64,
-        _ => true,
+/// The first column whose integer a JavaScript number cannot hold exactly (zero-cache's
+/// ensureSafeJSON refuses such rows rather than send a wrong number).
+pub fn unsafe_integer_column<'a>(spec: &'a TableSpec, row: &Row) -> Option<(&'a str, i64)> {
+    spec.columns.iter().zip(row).find_map(|(col, v)| match v {
+        Value::Int(i) if i.unsigned_abs() > crate::zql::value::JS_SAFE_INTEGER_MAX as u64 => {
+            Some((col.name.as_str(), *i))
+        }
+        _ => None,
     })
 }
 
@@ -341,6 +344,21 @@ mod tests {
         let first: serde_json::Value = serde_json::from_str(&msgs[1]).expect("json");
         assert_eq!(first[1]["desiredQueriesPatches"]["c1"][0]["hash"], "h1");
         assert_eq!(first[1]["rowsPatch"].as_array().map(|a| a.len()), Some(98));
+    }
+
+    #[test]
+    fn integers_beyond_2_53_are_found() {
+        let spec = issue_spec();
+        let ok = vec![
+            Value::Text("a".into()),
+            Value::Int(crate::zql::value::JS_SAFE_INTEGER_MAX),
+        ];
+        assert_eq!(unsafe_integer_column(&spec, &ok), None);
+        let bad = vec![Value::Text("a".into()), Value::Int(1 << 53)];
+        assert_eq!(
+            unsafe_integer_column(&spec, &bad),
+            Some(("created", 1 << 53))
+        );
     }
 
     #[test]

@@ -204,6 +204,11 @@ pub fn evaluate_into(
         let spec = reader
             .table_spec(&table)
             .ok_or_else(|| crate::zql::error::ZqlError::UnknownTable(table.clone()))?;
+        if let Some((column, value)) = crate::protocol::down::unsafe_integer_column(&spec, &row) {
+            return Err(crate::zql::error::ZqlError::Source(format!(
+                "{table}.{column} = {value} is beyond 2^53: a JavaScript client cannot hold it exactly"
+            )));
+        }
         rows.insert((table, key), (spec, row));
     }
     Ok(cvr.set_query_rows(hash, rows, at))

@@ -284,8 +284,12 @@ impl Group {
             for hash in self.queries.borrow().affected_by(cvr, &tables) {
                 match eval::evaluate_into(reader, &self.queries.borrow(), cvr, &hash, at) {
                     Ok(c) => changed |= c,
+                    // The client's view would silently go stale: end the sockets instead.
                     Err(e) => {
-                        tracing::warn!(group = %self.id, query = %hash, error = %e, "re-evaluation failed")
+                        return Err(ProtocolError::new(
+                            ErrorKind::Internal,
+                            format!("query {hash} failed: {e}"),
+                        ))
                     }
                 }
             }
