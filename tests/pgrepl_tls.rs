@@ -454,3 +454,27 @@ async fn receive_all(
     );
     eprintln!("{cancelled} cancelled recv calls, {cancelled_mid_message} mid-message");
 }
+
+/// A server whose TLS the client cannot speak (TLS 1.1 at most; rustls does 1.2 and 1.3):
+/// require fails naming the handshake; prefer retries in plain text, as libpq does.
+#[test]
+fn failed_handshake_falls_back_only_where_allowed() {
+    let certs = make_certs();
+    let pg = PgCluster::start(PgClusterOptions {
+        extra_conf: vec![
+            "ssl = on".to_owned(),
+            format!("ssl_cert_file = '{}'", certs.server_cert.display()),
+            format!("ssl_key_file = '{}'", certs.server_key.display()),
+            "ssl_min_protocol_version = 'TLSv1'".to_owned(),
+            "ssl_max_protocol_version = 'TLSv1.1'".to_owned(),
+        ],
+        ..PgClusterOptions::default()
+    })
+    .expect("start PostgreSQL with old TLS");
+    run(async {
+        let err = connect_err(&cfg(&pg, "127.0.0.1", "sslmode=require")).await;
+        assert!(matches!(err, PgError::TlsHandshake { .. }), "{err:?}");
+        assert!(err.to_string().contains("sslmode=require"), "{err}");
+        assert_plain(&cfg(&pg, "127.0.0.1", "sslmode=prefer")).await;
+    });
+}
