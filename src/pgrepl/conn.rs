@@ -20,6 +20,7 @@ use postgres_protocol::message::backend::{
 use postgres_protocol::message::frontend;
 
 use super::error::PgError;
+use super::tls::{self, PgStream};
 use super::url::ConnConfig;
 
 /// Largest backend message accepted: a 1 GiB field (Postgres's own limit) plus framing.
@@ -68,12 +69,23 @@ pub struct PgConn<S> {
     message_bytes_max: usize,
 }
 
-/// Connects over TCP (trying each address the host resolves to) and completes startup and
-/// authentication. Name resolution is blocking; it happens once per connection.
-pub async fn connect(
-    cfg: &ConnConfig,
-    replication: bool,
-) -> Result<PgConn<glommio::net::TcpStream>, PgError> {
+/// Connects over TCP (trying each address the host resolves to), negotiates TLS as
+/// `cfg.sslmode` says, and completes startup and authentication. Name resolution is
+/// blocking; it happens once per connection.
+pub async fn connect(cfg: &ConnConfig, replication: bool) -> Result<PgConn<PgStream>, PgError> {
+    let tcp = connect_tcp(cfg).await?;
+    let stream = tls::negotiate(tcp, cfg, || connect_tcp(cfg)).await?;
+    PgConn::startup(stream, cfg, replication).await
+}
+
+impl PgConn<PgStream> {
+    /// Whether the session runs over TLS (sslmode=prefer may have settled for plain text).
+    pub fn is_tls(&self) -> bool {
+        self.stream.is_tls()
+    }
+}
+
+async fn connect_tcp(cfg: &ConnConfig) -> Result<glommio::net::TcpStream, PgError> {
     let target = format!("{}:{}", cfg.host, cfg.port);
     let addrs: Vec<_> = (cfg.host.as_str(), cfg.port)
         .to_socket_addrs()
@@ -88,7 +100,7 @@ pub async fn connect(
         match glommio::net::TcpStream::connect_timeout(addr, timeout).await {
             Ok(stream) => {
                 stream.set_nodelay(true).map_err(std::io::Error::from)?;
-                return PgConn::startup(stream, cfg, replication).await;
+                return Ok(stream);
             }
             Err(e) => {
                 last_err = Some(PgError::Connect {
@@ -323,7 +335,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> PgConn<S> {
         }
     }
 
-    /// SCRAM-SHA-256 without channel binding (we do not speak TLS). On return the server's
+    /// SCRAM-SHA-256 without channel binding (not SCRAM-SHA-256-PLUS, even over TLS). On return the server's
     /// signature has been verified; AuthenticationOk follows.
     async fn scram(
         &mut self,

@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use super::url::SslMode;
+
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
     #[error("I/O error talking to Postgres: {0}")]
@@ -27,8 +29,22 @@ pub enum PgError {
     UnsupportedAuth(String),
     #[error("invalid Postgres connection URL: {0}")]
     Url(String),
-    #[error("{0}: TLS is not supported yet; use sslmode=disable or sslmode=prefer")]
-    TlsUnsupported(String),
+    #[error("the server does not support TLS (sslmode={mode})")]
+    TlsRefused { mode: SslMode },
+    #[error(
+        "the server answered the TLS request with {byte:#04x}, not 'S' or 'N' (sslmode={mode})"
+    )]
+    TlsBadResponse { mode: SslMode, byte: u8 },
+    #[error("the server's TLS certificate was rejected (sslmode={mode}): {reason}")]
+    TlsCertificate { mode: SslMode, reason: String },
+    #[error("TLS handshake with the server failed (sslmode={mode}): {source}")]
+    TlsHandshake {
+        mode: SslMode,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS setup failed (sslmode={mode}): {reason}")]
+    TlsConfig { mode: SslMode, reason: String },
     #[error("Postgres message of {len} bytes exceeds the limit of {max} bytes")]
     MessageTooLarge { len: usize, max: usize },
     #[error("the Postgres connection is closed")]

@@ -2,6 +2,8 @@
 
 use std::borrow::Cow;
 use std::ffi::CStr;
+use std::fmt;
+use std::path::PathBuf;
 
 use super::error::PgError;
 
@@ -17,6 +19,80 @@ pub struct ConnConfig {
     pub password: Option<String>,
     pub dbname: String,
     pub application_name: String,
+    /// libpq's `sslmode`; libpq's default is `prefer`.
+    pub sslmode: SslMode,
+    /// libpq's `sslrootcert`: the CA certificates (PEM) that verify-ca / verify-full trust.
+    pub sslrootcert: RootCerts,
+}
+
+/// How much TLS a connection insists on, as libpq's `sslmode` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SslMode {
+    /// Plain text only.
+    Disable,
+    /// Like `Prefer` here: libpq tries plain text first, we try TLS first (same outcome
+    /// against any server that accepts both, and never less safe).
+    Allow,
+    /// TLS if the server offers it (no certificate check), else plain text.
+    #[default]
+    Prefer,
+    /// TLS or fail; the certificate is not checked (libpq's meaning of `require`).
+    Require,
+    /// TLS with the server's certificate chain checked against the trust anchors.
+    VerifyCa,
+    /// `VerifyCa` plus the host name checked against the certificate.
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "disable" => SslMode::Disable,
+            "allow" => SslMode::Allow,
+            "prefer" => SslMode::Prefer,
+            "require" => SslMode::Require,
+            "verify-ca" => SslMode::VerifyCa,
+            "verify-full" => SslMode::VerifyFull,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+
+    /// Whether a server without TLS is acceptable (plain text fallback).
+    pub fn allows_plain(self) -> bool {
+        matches!(self, SslMode::Disable | SslMode::Allow | SslMode::Prefer)
+    }
+
+    /// Whether the certificate chain is checked.
+    pub fn verifies_chain(self) -> bool {
+        matches!(self, SslMode::VerifyCa | SslMode::VerifyFull)
+    }
+}
+
+impl fmt::Display for SslMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where verify-ca / verify-full take their trust anchors from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum RootCerts {
+    /// The operating system's store (no `sslrootcert`, or libpq 16's `sslrootcert=system`).
+    #[default]
+    System,
+    /// Only the certificates in this PEM file, as libpq does with `sslrootcert=<file>`.
+    File(PathBuf),
 }
 
 // Hand-written so the password never lands in a log.
@@ -29,6 +105,8 @@ impl std::fmt::Debug for ConnConfig {
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("dbname", &self.dbname)
             .field("application_name", &self.application_name)
+            .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
             .finish()
     }
 }
@@ -37,8 +115,8 @@ impl ConnConfig {
     /// Parses `postgres[ql]://[user[:password]@][host][:port][/dbname][?param=value&...]`.
     /// Missing parts take libpq's defaults (user: the OS user; port 5432; dbname: the user),
     /// except the host, which defaults to TCP to localhost since we do not speak Unix sockets.
-    /// Query parameters `user`, `password`, `host`, `port`, `dbname`, `application_name` and
-    /// `sslmode` are understood; others are ignored.
+    /// Query parameters `user`, `password`, `host`, `port`, `dbname`, `application_name`,
+    /// `sslmode` and `sslrootcert` are understood; others are ignored.
     pub fn parse(url: &str) -> Result<Self, PgError> {
         let rest = url
             .strip_prefix("postgres://")
@@ -88,6 +166,8 @@ struct Parts {
     password: Option<String>,
     dbname: Option<String>,
     application_name: Option<String>,
+    sslmode: Option<SslMode>,
+    sslrootcert: Option<RootCerts>,
 }
 
 impl Parts {
@@ -107,6 +187,8 @@ impl Parts {
             application_name: self
                 .application_name
                 .unwrap_or_else(|| DEFAULT_APPLICATION_NAME.to_owned()),
+            sslmode: self.sslmode.unwrap_or_default(),
+            sslrootcert: self.sslrootcert.unwrap_or_default(),
         })
     }
 }
@@ -173,20 +255,28 @@ fn parse_query(query: &str, parts: &mut Parts) -> Result<(), PgError> {
             "port" => parts.port = Some(parse_port(&value)?),
             "dbname" => parts.dbname = Some(value),
             "application_name" => parts.application_name = Some(value),
-            "sslmode" => check_sslmode(&value)?,
+            "sslmode" => {
+                let mode = SslMode::parse(&value)
+                    .ok_or_else(|| PgError::Url(format!("unknown sslmode {value:?}")))?;
+                parts.sslmode = Some(mode);
+            }
+            "sslrootcert" => parts.sslrootcert = Some(root_certs(value)?),
+            "sslcert" | "sslkey" | "sslpassword" => {
+                return Err(PgError::Url(format!(
+                    "{key}: client certificates are not supported"
+                )))
+            }
             _ => tracing::debug!(param = %key, "ignoring Postgres URL parameter"),
         }
     }
     Ok(())
 }
 
-fn check_sslmode(mode: &str) -> Result<(), PgError> {
-    match mode {
-        "disable" | "allow" | "prefer" => Ok(()),
-        "require" | "verify-ca" | "verify-full" => {
-            Err(PgError::TlsUnsupported(format!("sslmode={mode}")))
-        }
-        other => Err(PgError::Url(format!("unknown sslmode {other:?}"))),
+fn root_certs(value: String) -> Result<RootCerts, PgError> {
+    match value.as_str() {
+        "" => Err(PgError::Url("sslrootcert is empty".into())),
+        "system" => Ok(RootCerts::System),
+        _ => Ok(RootCerts::File(PathBuf::from(value))),
     }
 }
 
@@ -277,10 +367,51 @@ mod tests {
             ConnConfig::parse("postgres://h/d?sslmode=bogus"),
             Err(PgError::Url(_))
         ));
-        for mode in ["require", "verify-ca", "verify-full"] {
-            let err = ConnConfig::parse(&format!("postgres://h/d?sslmode={mode}")).unwrap_err();
-            assert!(matches!(err, PgError::TlsUnsupported(_)));
-            assert!(err.to_string().contains("TLS is not supported yet"));
+        assert!(matches!(
+            ConnConfig::parse("postgres://h/d?sslmode=VERIFY-FULL"),
+            Err(PgError::Url(_))
+        ));
+        assert!(matches!(
+            ConnConfig::parse("postgres://h/d?sslrootcert="),
+            Err(PgError::Url(_))
+        ));
+        let err = ConnConfig::parse("postgres://h/d?sslcert=/c.pem").unwrap_err();
+        assert!(err.to_string().contains("client certificates"), "{err}");
+    }
+
+    #[test]
+    fn sslmode_values_and_default() {
+        let c = ConnConfig::parse("postgres://h/d").unwrap();
+        assert_eq!(c.sslmode, SslMode::Prefer);
+        assert_eq!(c.sslrootcert, RootCerts::System);
+        for mode in [
+            SslMode::Disable,
+            SslMode::Allow,
+            SslMode::Prefer,
+            SslMode::Require,
+            SslMode::VerifyCa,
+            SslMode::VerifyFull,
+        ] {
+            let c = ConnConfig::parse(&format!("postgres://h/d?sslmode={mode}")).unwrap();
+            assert_eq!(c.sslmode, mode);
+            assert_eq!(SslMode::parse(mode.as_str()), Some(mode));
         }
+        assert!(SslMode::Prefer.allows_plain() && !SslMode::Require.allows_plain());
+        assert!(SslMode::VerifyCa.verifies_chain() && !SslMode::Require.verifies_chain());
+    }
+
+    #[test]
+    fn sslrootcert_file_or_system() {
+        let c = ConnConfig::parse(
+            "postgres://u@h/d?sslmode=verify-full&sslrootcert=%2Ftmp%2Fmy%20ca.pem",
+        )
+        .unwrap();
+        assert_eq!(c.sslmode, SslMode::VerifyFull);
+        assert_eq!(c.sslrootcert, RootCerts::File("/tmp/my ca.pem".into()));
+        let c = ConnConfig::parse("postgres://h/d?sslrootcert=system").unwrap();
+        assert_eq!(c.sslrootcert, RootCerts::System);
+        // The last occurrence wins, as in libpq.
+        let c = ConnConfig::parse("postgres://h/d?sslmode=require&sslmode=disable").unwrap();
+        assert_eq!(c.sslmode, SslMode::Disable);
     }
 }
