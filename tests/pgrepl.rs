@@ -12,7 +12,9 @@ use glommio::net::TcpStream;
 use glommio::LocalExecutorBuilder;
 use zcache::embedded::pgcluster::{ClusterError, PgCluster, PgClusterOptions};
 use zcache::pgrepl::pgoutput::{decode, OldKind, OldTuple, PgOutput, TupleValue};
-use zcache::pgrepl::{connect, ConnConfig, Lsn, PgConn, PgError, ReplEvent, ReplicationStream};
+use zcache::pgrepl::{
+    connect, ConnConfig, Lsn, PgConn, PgError, PgStream, ReplEvent, ReplicationStream,
+};
 
 /// How long any single wait on the server may take before the test fails instead of hanging.
 const WAIT_MS: u64 = 30_000;
@@ -48,7 +50,7 @@ fn text(s: &str) -> TupleValue {
 }
 
 /// The next pgoutput message, skipping keepalives.
-async fn next_msg(stream: &mut ReplicationStream<TcpStream>) -> PgOutput {
+async fn next_msg(stream: &mut ReplicationStream<PgStream>) -> PgOutput {
     loop {
         match with_timeout("recv", stream.recv()).await.expect("recv") {
             ReplEvent::XLogData { data, .. } => return decode(&data).expect("decode"),
@@ -58,7 +60,7 @@ async fn next_msg(stream: &mut ReplicationStream<TcpStream>) -> PgOutput {
 }
 
 /// One transaction, Begin to Commit, without the Relation/Type messages pgoutput interleaves.
-async fn next_txn(stream: &mut ReplicationStream<TcpStream>) -> Vec<PgOutput> {
+async fn next_txn(stream: &mut ReplicationStream<PgStream>) -> Vec<PgOutput> {
     let first = next_msg(stream).await;
     assert!(
         matches!(first, PgOutput::Begin { .. }),
@@ -221,7 +223,7 @@ async fn connect_as(
     pg: &PgCluster,
     user: &str,
     password: Option<&str>,
-) -> Result<PgConn<TcpStream>, PgError> {
+) -> Result<PgConn<PgStream>, PgError> {
     let mut cfg = cfg(pg);
     cfg.user = user.to_owned();
     cfg.password = password.map(str::to_owned);

@@ -357,14 +357,24 @@ fn zero_protocol_over_real_sockets() {
     }
 
     // An int8 beyond 2^53 is refused with a clear error, never sent as a wrong number.
-    let p = sec_protocol(init_with(json!({"table": "big", "orderBy": [["id", "asc"]]})), None);
-    let (mut w, _) = connect(port, "/sync/v51/connect?clientID=b&clientGroupID=big-group&baseCookie=&ts=1&lmid=0&wsid=w", &p);
+    let p = sec_protocol(
+        init_with(json!({"table": "big", "orderBy": [["id", "asc"]]})),
+        None,
+    );
+    let (mut w, _) = connect(
+        port,
+        "/sync/v51/connect?clientID=b&clientGroupID=big-group&baseCookie=&ts=1&lmid=0&wsid=w",
+        &p,
+    );
     assert_eq!(next(&mut w)[0], "connected");
     read_poke(&mut w);
     let err = next(&mut w);
     assert_eq!(err[0], "transformError", "{err}");
     let message = err[1][0]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("big.n = 9007199254740993 is beyond 2^53"), "{message}");
+    assert!(
+        message.contains("big.n = 9007199254740993 is beyond 2^53"),
+        "{message}"
+    );
 
     // Invalid JSON: InvalidMessage, then the socket closes.
     ws.send(Message::text("not json")).expect("send");
