@@ -83,6 +83,12 @@ pub struct Config {
     #[arg(long, env = "ZERO_WEBSOCKET_MAX_PAYLOAD_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub websocket_max_payload_bytes: usize,
 
+    /// Rebuild the replica from scratch (a new initial sync) when upstream makes a schema
+    /// change that cannot be applied to it in place, such as a column type change. Off:
+    /// replication stops with an error instead.
+    #[arg(long, env = "ZERO_AUTO_RESET", default_value_t = true, action = clap::ArgAction::Set)]
+    pub auto_reset: bool,
+
     /// zcache: pin each shard's executor to its own core.
     #[arg(long, env = "ZCACHE_PIN_CORES", default_value_t = true, action = clap::ArgAction::Set)]
     pub pin_cores: bool,

@@ -2,17 +2,19 @@
 //! transaction, committed with its end LSN as the watermark.
 
 use super::schema::replica_table_name;
-use super::ReplError;
+use super::{ddl, ReplError};
 use crate::pgrepl::pgoutput::{OldTuple, PgOutput, Relation, TupleValue};
 use crate::sqlite::pgtypes::decode_text;
 use crate::sqlite::Replica;
 use crate::zql::schema::TableSpec;
 use crate::zql::value::{Row, Value};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// A relation as announced by the stream, mapped onto its replica table.
 struct RelationMap {
     table: String,
+    /// The relation message's column names, to map them again after a schema change.
+    columns: Vec<String>,
     /// For each column of the relation message, its position in the replica row.
     positions: Vec<Option<usize>>,
 }
@@ -28,13 +30,25 @@ pub struct Applier {
     relations: HashMap<u32, RelationMap>,
     in_tx: bool,
     touched: BTreeSet<String>,
+    /// The logical message prefix of this shard's schema-change messages (setup.rs).
+    ddl_prefix: String,
+    /// OIDs of the tables the current transaction created.
+    created_in_tx: HashSet<u32>,
 }
 
 impl Applier {
+    /// An applier that applies the schema-change messages sent with `ddl_prefix`.
+    pub fn new(ddl_prefix: String) -> Self {
+        Applier {
+            ddl_prefix,
+            ..Applier::default()
+        }
+    }
+
     /// Applies one message; returns the commit when a transaction ends.
     pub fn apply(
         &mut self,
-        replica: &Replica,
+        replica: &mut Replica,
         msg: PgOutput,
     ) -> Result<Option<Committed>, ReplError> {
         match msg {
@@ -43,6 +57,7 @@ impl Applier {
                 replica.begin()?;
                 self.in_tx = true;
                 self.touched.clear();
+                self.created_in_tx.clear();
             }
             PgOutput::Commit { end_lsn, .. } => {
                 replica.commit(end_lsn.0)?;
@@ -52,7 +67,7 @@ impl Applier {
                     tables: std::mem::take(&mut self.touched).into_iter().collect(),
                 }));
             }
-            PgOutput::Relation(rel) => self.relation(replica, rel),
+            PgOutput::Relation(rel) => self.relation(replica, rel)?,
             PgOutput::Insert { relation_oid, new } => {
                 let Some((table, row)) = self.row(replica, relation_oid, &new, None)? else {
                     return Ok(None);
@@ -78,6 +93,16 @@ impl Applier {
                     }
                 }
             }
+            PgOutput::Message {
+                transactional: true,
+                prefix,
+                content,
+                ..
+            } if prefix == self.ddl_prefix && !prefix.is_empty() => {
+                let change = ddl::apply_message(replica, &content, &mut self.created_in_tx)?;
+                self.remap(replica);
+                self.touched.extend(change.touched);
+            }
             PgOutput::Origin { .. } | PgOutput::Type { .. } | PgOutput::Message { .. } => {}
         }
         Ok(None)
@@ -87,20 +112,38 @@ impl Applier {
         self.in_tx
     }
 
-    fn relation(&mut self, replica: &Replica, rel: Relation) {
+    fn relation(&mut self, replica: &mut Replica, rel: Relation) -> Result<(), ReplError> {
         let table = replica_table_name(&rel.namespace, &rel.name);
-        let Ok(spec) = replica.spec(&table) else {
-            // A table created after the initial sync: schema changes are issue 3's work.
+        if !replica.tables().contains_key(&table) {
+            // Not synced (no primary key), or created while schema changes go undetected.
             tracing::warn!(%table, "change to a table the replica does not have; ignored");
-            return;
+            self.relations.remove(&rel.oid);
+            return Ok(());
+        }
+        // Schema-change messages keep the spec in step; this catches what came without one.
+        if ddl::reconcile_relation(replica, &table, &rel)? {
+            self.touched.insert(table.clone());
+        }
+        let columns = rel.columns.into_iter().map(|c| c.name).collect();
+        let mut map = RelationMap {
+            table,
+            columns,
+            positions: Vec::new(),
         };
-        let positions = rel
-            .columns
-            .iter()
-            .map(|c| spec.column_index(&c.name))
-            .collect();
+        map.positions = positions(replica, &map);
+        self.relations.insert(rel.oid, map);
+        Ok(())
+    }
+
+    /// Maps the known relations again after the replica's schema changed. Upstream sends a
+    /// new Relation message before the next change to a changed table, so forgetting the
+    /// dropped and renamed ones loses nothing.
+    fn remap(&mut self, replica: &Replica) {
         self.relations
-            .insert(rel.oid, RelationMap { table, positions });
+            .retain(|_, m| replica.tables().contains_key(&m.table));
+        for map in self.relations.values_mut() {
+            map.positions = positions(replica, map);
+        }
     }
 
     fn map(&self, oid: u32) -> Option<&RelationMap> {
@@ -187,6 +230,14 @@ impl Applier {
         replica.upsert(&table, &row)?;
         Ok(())
     }
+}
+
+/// For each column of a relation, its position in the replica table's rows.
+fn positions(replica: &Replica, map: &RelationMap) -> Vec<Option<usize>> {
+    let Ok(spec) = replica.spec(&map.table) else {
+        return vec![None; map.columns.len()];
+    };
+    map.columns.iter().map(|c| spec.column_index(c)).collect()
 }
 
 fn decode(spec: &TableSpec, pos: usize, bytes: &[u8]) -> Result<Value, ReplError> {

@@ -4,6 +4,7 @@
 //! commit that holds it.
 
 pub mod apply;
+pub mod ddl;
 pub mod initial_sync;
 pub mod schema;
 pub mod setup;
@@ -16,7 +17,6 @@ use crate::sqlite::pgtypes::TypeError;
 use crate::sqlite::{Replica, ReplicaError};
 use apply::Applier;
 use setup::{quote_literal, SetupError};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// How often a standby status is sent when nothing else prompts one (Postgres' default
@@ -39,6 +39,9 @@ pub enum ReplError {
     Value(String),
     #[error("cannot decode the replication stream: {0}")]
     Decode(#[from] DecodeError),
+    /// An upstream change the replica cannot follow in place: only a new initial sync can.
+    #[error("the replica must be rebuilt: {0}")]
+    ResetRequired(String),
 }
 
 /// Where streaming starts after start-up.
@@ -46,6 +49,8 @@ pub struct Prepared {
     pub replica: Replica,
     pub slot: String,
     pub publications: Vec<String>,
+    /// The settings it was prepared with, to prepare again after a reset.
+    pub config: Config,
 }
 
 async fn slot_exists(upstream: &ConnConfig, slot: &str) -> Result<bool, ReplError> {
@@ -58,14 +63,6 @@ async fn slot_exists(upstream: &ConnConfig, slot: &str) -> Result<bool, ReplErro
         .await?;
     let _ = conn.close().await;
     Ok(rows.iter().any(|r| !r.rows.is_empty()))
-}
-
-fn remove_replica_files(path: &Path) {
-    for suffix in ["", "-wal", "-shm"] {
-        let mut p = path.as_os_str().to_owned();
-        p.push(suffix);
-        let _ = std::fs::remove_file(PathBuf::from(p));
-    }
 }
 
 /// Checks and sets up upstream, then resumes the replica or makes it anew.
@@ -84,13 +81,14 @@ pub async fn prepare(cfg: &Config, upstream: &ConnConfig) -> Result<Prepared, Re
                 replica,
                 slot,
                 publications,
+                config: cfg.clone(),
             });
         }
         tracing::warn!(%slot, "the replica's slot or publications changed upstream: syncing anew");
     }
-    drop(replica);
-    remove_replica_files(&cfg.replica_file);
-    let mut replica = Replica::open(&cfg.replica_file)?;
+    // Emptied in place rather than deleted: syncers' readers may have this file open.
+    let mut replica = replica;
+    replica.clear()?;
     // Slots of earlier replicas of this shard would hold WAL forever.
     let prefix = format!("{}_{}_", cfg.app_id, cfg.shard_num);
     conn.execute(&format!(
@@ -115,19 +113,35 @@ pub async fn prepare(cfg: &Config, upstream: &ConnConfig) -> Result<Prepared, Re
         replica,
         slot,
         publications,
+        config: cfg.clone(),
     })
 }
 
 /// Streams forever, reconnecting with backoff when upstream fails.
 pub async fn stream_forever(
     upstream: ConnConfig,
-    prepared: Prepared,
+    mut prepared: Prepared,
     syncers: Vec<glommio::channels::shared_channel::ConnectedSender<VersionReady>>,
 ) {
     let mut backoff_ms = 500;
     loop {
-        match stream(&upstream, &prepared, &syncers).await {
+        match stream(&upstream, &mut prepared, &syncers).await {
             Ok(()) => return,
+            Err(ReplError::ResetRequired(why)) if !prepared.config.auto_reset => {
+                let _ = prepared.replica.rollback();
+                tracing::error!(%why, "replication stopped: the replica cannot follow upstream \
+                    in place and ZERO_AUTO_RESET is off; restart with it on, or delete the replica");
+                return;
+            }
+            Err(ReplError::ResetRequired(why)) => {
+                tracing::warn!(%why, "rebuilding the replica with a new initial sync");
+                while let Err(e) = reset(&upstream, &mut prepared, &syncers).await {
+                    tracing::error!(error = %e, retry_ms = backoff_ms, "rebuilding the replica failed");
+                    glommio::timer::sleep(Duration::from_millis(backoff_ms)).await;
+                    backoff_ms = (backoff_ms * 2).min(RECONNECT_BACKOFF_MS_MAX);
+                }
+                backoff_ms = 500;
+            }
             Err(e) => {
                 let _ = prepared.replica.rollback();
                 tracing::error!(error = %e, retry_ms = backoff_ms, "replication stream failed; reconnecting");
@@ -138,9 +152,50 @@ pub async fn stream_forever(
     }
 }
 
+/// Automatic reset: drops the slot, empties the replica in place and syncs it anew, then
+/// tells the syncers every table changed.
+async fn reset(
+    upstream: &ConnConfig,
+    p: &mut Prepared,
+    syncers: &[glommio::channels::shared_channel::ConnectedSender<VersionReady>],
+) -> Result<(), ReplError> {
+    /// How long the old walsender may take to let go of the slot.
+    const SLOT_RELEASE_ATTEMPTS_MAX: u32 = 100;
+    p.replica.rollback()?;
+    let mut conn = connect(upstream, false).await?;
+    let slot = quote_literal(&p.slot);
+    for _ in 0..SLOT_RELEASE_ATTEMPTS_MAX {
+        let rows = conn
+            .simple_query(&format!(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                 WHERE slot_name = {slot} AND active_pid IS NOT NULL;
+                 SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                 WHERE slot_name = {slot} AND NOT active;
+                 SELECT 1 FROM pg_replication_slots WHERE slot_name = {slot};"
+            ))
+            .await?;
+        if rows.last().is_none_or(|r| r.rows.is_empty()) {
+            break;
+        }
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = conn.close().await;
+    // Without its slot, prepare empties the replica and syncs anew.
+    let cfg = p.config.clone();
+    *p = prepare(&cfg, upstream).await?;
+    let v = VersionReady {
+        watermark: p.replica.watermark()?.unwrap_or(0),
+        tables: p.replica.tables().keys().cloned().collect(),
+    };
+    for s in syncers {
+        let _ = s.send(v.clone()).await;
+    }
+    Ok(())
+}
+
 async fn stream(
     upstream: &ConnConfig,
-    p: &Prepared,
+    p: &mut Prepared,
     syncers: &[glommio::channels::shared_channel::ConnectedSender<VersionReady>],
 ) -> Result<(), ReplError> {
     let start = Lsn(p.replica.watermark()?.unwrap_or(0));
@@ -149,7 +204,7 @@ async fn stream(
         .start_replication(&p.slot, start, &p.publications)
         .await?;
     tracing::info!(slot = %p.slot, from = %start, "streaming changes");
-    let mut applier = Applier::default();
+    let mut applier = Applier::new(setup::ddl_message_prefix(&p.config));
     let mut confirmed = start;
     // The WAL end keepalives reported between transactions: applied (nothing in it was
     // published) but recorded in the replica only when it is about to be confirmed.
@@ -170,7 +225,7 @@ async fn stream(
         match event? {
             ReplEvent::XLogData { data, .. } => {
                 let msg = decode_bytes(&data)?;
-                if let Some(commit) = applier.apply(&p.replica, msg)? {
+                if let Some(commit) = applier.apply(&mut p.replica, msg)? {
                     // Durable in SQLite (synchronous=FULL): only now may Postgres forget it.
                     confirmed = Lsn(commit.watermark);
                     stream

@@ -114,5 +114,119 @@ INSERT INTO {shard}."shardConfig" (publications, "ddlDetection") VALUES ({pubs_l
         ))
         .await?;
     }
+    let detection = ensure_ddl_triggers(conn, cfg).await?;
+    conn.execute(&format!(
+        "UPDATE {shard}.\"shardConfig\" SET \"ddlDetection\" = {detection}"
+    ))
+    .await?;
     Ok(())
+}
+
+/// The logical message prefix of this shard's schema-change messages.
+pub fn ddl_message_prefix(cfg: &Config) -> String {
+    format!("{}/{}/ddl", cfg.app_id, cfg.shard_num)
+}
+
+/// Bumped when the content of the DDL messages changes, so a reader can refuse what it does
+/// not understand.
+pub const DDL_MESSAGE_VERSION: u64 = 1;
+
+/// Command tags whose effect can change which tables are published or their shape.
+const DDL_TAGS: [&str; 11] = [
+    "CREATE TABLE",
+    "CREATE TABLE AS",
+    "SELECT INTO",
+    "ALTER TABLE",
+    "DROP TABLE",
+    "ALTER SCHEMA",
+    "DROP SCHEMA",
+    "CREATE PUBLICATION",
+    "ALTER PUBLICATION",
+    "DROP PUBLICATION",
+    "DROP OWNED",
+];
+
+/// The SQL installing the shard's schema-change detection: `published_schema()` describes
+/// the shard's published tables (columns with attnum, type and the value rows present when
+/// the column was added, primary key, relfilenode to tell a rewrite); `ddl_command_start`
+/// keeps that description before the command in a transaction-local setting;
+/// `ddl_command_end` emits a transactional logical message holding both, only when they
+/// differ. Before and after, matched by table OID and column attnum, tell a rename from a
+/// drop and an add. Drops need no `sql_drop` trigger: the table is absent from "after".
+fn ddl_trigger_sql(cfg: &Config) -> String {
+    let app = &cfg.app_id;
+    let n = cfg.shard_num;
+    let shard = quote_ident(&cfg.shard_schema());
+    let pubs: Vec<String> = publications(cfg).iter().map(|p| quote_literal(p)).collect();
+    let pubs = format!("ARRAY[{}]::text[]", pubs.join(", "));
+    let setting = quote_literal(&format!("zcache_ddl.before_{app}_{n}"));
+    let prefix = quote_literal(&ddl_message_prefix(cfg));
+    let tags: Vec<String> = DDL_TAGS.iter().map(|t| quote_literal(t)).collect();
+    let tags = tags.join(", ");
+    let start = quote_ident(&format!("{app}_ddl_start_{n}"));
+    let end = quote_ident(&format!("{app}_ddl_end_{n}"));
+    format!(
+        r#"
+CREATE OR REPLACE FUNCTION {shard}.published_schema() RETURNS jsonb LANGUAGE sql STABLE AS $fn$
+  SELECT coalesce(jsonb_agg(jsonb_build_object(
+      'oid', c.oid::int8, 'schema', ns.nspname, 'name', c.relname, 'relfilenode', c.relfilenode::int8,
+      'columns', (SELECT coalesce(jsonb_agg(jsonb_build_array(a.attnum, a.attname, a.atttypid::int8,
+                    ty.typcategory = 'A',
+                    CASE WHEN a.atthasmissing THEN (a.attmissingval::text::text[])[1] END)
+                    ORDER BY a.attnum), '[]'::jsonb)
+                  FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid
+                  WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
+      'primaryKey', (SELECT jsonb_agg(a.attname ORDER BY k.ord)
+                     FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
+                     JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                     WHERE i.indrelid = c.oid AND i.indisprimary)
+    ) ORDER BY c.oid), '[]'::jsonb)
+  FROM (SELECT DISTINCT schemaname, tablename FROM pg_publication_tables
+        WHERE pubname = ANY ({pubs})) pt
+  JOIN pg_namespace ns ON ns.nspname = pt.schemaname
+  JOIN pg_class c ON c.relnamespace = ns.oid AND c.relname = pt.tablename
+$fn$;
+CREATE OR REPLACE FUNCTION {shard}.ddl_start() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+  PERFORM set_config({setting}, {shard}.published_schema()::text, true);
+END $fn$;
+CREATE OR REPLACE FUNCTION {shard}.ddl_end() RETURNS event_trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+  before jsonb := nullif(current_setting({setting}, true), '')::jsonb;
+  after jsonb := {shard}.published_schema();
+BEGIN
+  IF before IS NOT DISTINCT FROM after THEN
+    RETURN;
+  END IF;
+  PERFORM pg_logical_emit_message(true, {prefix}, jsonb_build_object(
+    'version', {DDL_MESSAGE_VERSION}, 'tag', tg_tag, 'before', before, 'after', after,
+    'query', left(current_query(), 500))::text);
+END $fn$;
+DROP EVENT TRIGGER IF EXISTS {start};
+DROP EVENT TRIGGER IF EXISTS {end};
+CREATE EVENT TRIGGER {start} ON ddl_command_start WHEN TAG IN ({tags})
+  EXECUTE FUNCTION {shard}.ddl_start();
+CREATE EVENT TRIGGER {end} ON ddl_command_end WHEN TAG IN ({tags})
+  EXECUTE FUNCTION {shard}.ddl_end();
+"#
+    )
+}
+
+/// Installs schema-change detection. Event triggers need a superuser: without one, zcache
+/// goes on without detection (a changed Relation message still reveals added and dropped
+/// columns). Returns whether detection is on.
+pub async fn ensure_ddl_triggers<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut PgConn<S>,
+    cfg: &Config,
+) -> Result<bool, SetupError> {
+    // One simple query is one implicit transaction: it installs all of it or nothing.
+    match conn.execute(&ddl_trigger_sql(cfg)).await {
+        Ok(_) => Ok(true),
+        Err(e @ PgError::Server { .. }) => {
+            tracing::warn!(error = %e, "cannot create the schema-change event triggers (they need a superuser): \
+                 upstream schema changes are detected only from changed Relation messages");
+            Ok(false)
+        }
+        Err(e) => Err(e.into()),
+    }
 }

@@ -112,44 +112,38 @@ impl Replica {
         Ok(())
     }
 
-    pub fn rollback(&self) -> Result<(), ReplicaError> {
+    /// Rolls back the open transaction; table specs changed in it are re-read, since schema
+    /// changes roll back with it.
+    pub fn rollback(&mut self) -> Result<(), ReplicaError> {
         if !self.conn.is_autocommit() {
             self.conn.execute_batch("ROLLBACK")?;
+            self.tables = load_specs(&self.conn)?
+                .into_iter()
+                .map(|t| (t.name.clone(), t))
+                .collect();
         }
         Ok(())
     }
 
     /// Creates (or re-creates) a table and records its spec.
     pub fn create_table(&mut self, spec: &TableSpec) -> Result<(), ReplicaError> {
-        debug_assert!(!spec.primary_key.is_empty(), "tables need a key to sync");
-        let cols: Vec<String> = spec
-            .columns
-            .iter()
-            .map(|c| {
-                format!(
-                    "{} {}",
-                    quote_ident(&c.name),
-                    super::pgtypes::sqlite_decl(c.pg_type_oid, c.kind)
-                )
-            })
-            .collect();
-        let pk: Vec<String> = spec
-            .primary_key
-            .iter()
-            .map(|&i| quote_ident(&spec.columns[i].name))
-            .collect();
         let name = quote_ident(&spec.name);
         self.conn.execute_batch(&format!(
-            "DROP TABLE IF EXISTS {name}; CREATE TABLE {name} ({}, PRIMARY KEY ({}));",
-            cols.join(", "),
-            pk.join(", ")
+            "DROP TABLE IF EXISTS {name}; {};",
+            create_table_sql(spec, &spec.name)
         ))?;
+        self.save_spec(spec.clone())
+    }
+
+    /// Records a table's spec in `_zcache_tables` (where syncers' `reload_specs` reads it)
+    /// and in memory.
+    fn save_spec(&mut self, spec: TableSpec) -> Result<(), ReplicaError> {
         self.conn.execute(
             "INSERT INTO _zcache_tables (name, spec) VALUES (?1, ?2)
              ON CONFLICT (name) DO UPDATE SET spec = excluded.spec",
-            params![spec.name, spec_to_json(spec)],
+            params![spec.name, spec_to_json(&spec)],
         )?;
-        self.tables.insert(spec.name.clone(), spec.clone());
+        self.tables.insert(spec.name.clone(), spec);
         Ok(())
     }
 
@@ -236,6 +230,219 @@ impl Replica {
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
         Ok(())
     }
+}
+
+/// Schema changes, applied inside the open transaction (SQLite DDL is transactional, and
+/// `rollback` re-reads the specs), each keeping `_zcache_tables` in step with the tables.
+impl Replica {
+    /// Adds a column at the end; rows present get `fill` (upstream's value for existing rows).
+    pub fn add_column(
+        &mut self,
+        table: &str,
+        column: ColumnSpec,
+        fill: &Value,
+    ) -> Result<(), ReplicaError> {
+        let mut spec = self.spec(table)?.clone();
+        debug_assert!(spec.column_index(&column.name).is_none(), "column exists");
+        let q = quote_ident(table);
+        let col = quote_ident(&column.name);
+        self.conn.execute_batch(&format!(
+            "ALTER TABLE {q} ADD COLUMN {col} {}",
+            super::pgtypes::sqlite_decl(column.pg_type_oid, column.kind)
+        ))?;
+        if *fill != Value::Null {
+            self.conn
+                .execute(&format!("UPDATE {q} SET {col} = ?1"), [to_sql(fill)])?;
+        }
+        spec.columns.push(column);
+        self.schema_changed();
+        self.save_spec(spec)
+    }
+
+    /// Drops a column that is not part of the primary key, with the indexes that use it.
+    pub fn drop_column(&mut self, table: &str, column: &str) -> Result<(), ReplicaError> {
+        let mut spec = self.spec(table)?.clone();
+        let pos = spec
+            .column_index(column)
+            .ok_or_else(|| ReplicaError::UnknownTable(format!("{table}.{column}")))?;
+        if spec.primary_key.contains(&pos) {
+            return Err(ReplicaError::Corrupt(format!(
+                "cannot drop key column {column} of {table}"
+            )));
+        }
+        // SQLite refuses to drop an indexed column; upstream dropped those indexes too.
+        let indexes: Vec<String> = {
+            let mut stmt = self.conn.prepare(
+                "SELECT DISTINCT il.name FROM pragma_index_list(?1) il, pragma_index_info(il.name) ii
+                 WHERE il.origin = 'c' AND ii.name = ?2",
+            )?;
+            let rows = stmt.query_map(params![table, column], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for index in indexes {
+            self.conn
+                .execute_batch(&format!("DROP INDEX {}", quote_ident(&index)))?;
+        }
+        self.conn.execute_batch(&format!(
+            "ALTER TABLE {} DROP COLUMN {}",
+            quote_ident(table),
+            quote_ident(column)
+        ))?;
+        spec.columns.remove(pos);
+        for k in spec.primary_key.iter_mut() {
+            if *k > pos {
+                *k -= 1;
+            }
+        }
+        self.schema_changed();
+        self.save_spec(spec)
+    }
+
+    pub fn rename_column(&mut self, table: &str, from: &str, to: &str) -> Result<(), ReplicaError> {
+        let mut spec = self.spec(table)?.clone();
+        let pos = spec
+            .column_index(from)
+            .ok_or_else(|| ReplicaError::UnknownTable(format!("{table}.{from}")))?;
+        self.conn.execute_batch(&format!(
+            "ALTER TABLE {} RENAME COLUMN {} TO {}",
+            quote_ident(table),
+            quote_ident(from),
+            quote_ident(to)
+        ))?;
+        spec.columns[pos].name = to.to_string();
+        self.schema_changed();
+        self.save_spec(spec)
+    }
+
+    pub fn rename_table(&mut self, from: &str, to: &str) -> Result<(), ReplicaError> {
+        let mut spec = self.spec(from)?.clone();
+        self.conn.execute_batch(&format!(
+            "ALTER TABLE {} RENAME TO {}",
+            quote_ident(from),
+            quote_ident(to)
+        ))?;
+        self.forget_spec(from)?;
+        spec.name = to.to_string();
+        self.schema_changed();
+        self.save_spec(spec)
+    }
+
+    pub fn drop_table(&mut self, table: &str) -> Result<(), ReplicaError> {
+        self.spec(table)?;
+        self.conn
+            .execute_batch(&format!("DROP TABLE {}", quote_ident(table)))?;
+        self.schema_changed();
+        self.forget_spec(table)
+    }
+
+    /// Re-creates the table keyed by `key` (column positions), keeping its rows and the
+    /// indexes whose columns it still has. SQLite cannot alter a primary key in place.
+    pub fn set_primary_key(&mut self, table: &str, key: &[usize]) -> Result<(), ReplicaError> {
+        let mut spec = self.spec(table)?.clone();
+        debug_assert!(!key.is_empty() && key.iter().all(|&k| k < spec.columns.len()));
+        let indexes = self.take_indexes(table)?;
+        let tmp = format!("_zcache_rekey_{table}");
+        let cols: Vec<String> = spec.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        spec.primary_key = key.to_vec();
+        self.conn.execute_batch(&format!(
+            "DROP TABLE IF EXISTS {qt}; {create}; INSERT INTO {qt} ({cols}) SELECT {cols} FROM {q};
+             DROP TABLE {q}; ALTER TABLE {qt} RENAME TO {q};",
+            qt = quote_ident(&tmp),
+            create = create_table_sql(&spec, &tmp),
+            cols = cols.join(", "),
+            q = quote_ident(table),
+        ))?;
+        self.schema_changed();
+        self.save_spec(spec)?;
+        for columns in indexes {
+            self.create_index(table, &columns)?;
+        }
+        Ok(())
+    }
+
+    /// Drops every table and forgets the watermark and slot, in one transaction, so the next
+    /// `prepare` syncs anew into this same file (open readers keep working on it).
+    pub fn clear(&mut self) -> Result<(), ReplicaError> {
+        self.rollback()?;
+        let tables: Vec<String> = {
+            let mut stmt = self.conn.prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'table'
+                 AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT IN ('_zcache_meta', '_zcache_tables')",
+            )?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut sql = String::from("BEGIN IMMEDIATE;");
+        for t in tables {
+            sql.push_str(&format!("DROP TABLE {};", quote_ident(&t)));
+        }
+        sql.push_str("DELETE FROM _zcache_tables; DELETE FROM _zcache_meta; COMMIT;");
+        self.schema_changed();
+        self.conn.execute_batch(&sql)?;
+        self.tables.clear();
+        Ok(())
+    }
+
+    /// Drops the table's secondary indexes and returns their column lists.
+    fn take_indexes(&self, table: &str) -> Result<Vec<Vec<String>>, ReplicaError> {
+        let names: Vec<String> = {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT name FROM pragma_index_list(?1) WHERE origin = 'c'")?;
+            let rows = stmt.query_map([table], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            let mut stmt = self
+                .conn
+                .prepare("SELECT name FROM pragma_index_info(?1) ORDER BY seqno")?;
+            let rows = stmt.query_map([&name], |r| r.get(0))?;
+            out.push(rows.collect::<Result<_, _>>()?);
+            self.conn
+                .execute_batch(&format!("DROP INDEX {}", quote_ident(&name)))?;
+        }
+        Ok(out)
+    }
+
+    fn forget_spec(&mut self, table: &str) -> Result<(), ReplicaError> {
+        self.conn
+            .execute("DELETE FROM _zcache_tables WHERE name = ?1", [table])?;
+        self.tables.remove(table);
+        Ok(())
+    }
+
+    /// Cached statements name tables and columns that may no longer exist.
+    fn schema_changed(&self) {
+        self.conn.flush_prepared_statement_cache();
+    }
+}
+
+/// `CREATE TABLE name (...)` for a spec's columns and key.
+fn create_table_sql(spec: &TableSpec, name: &str) -> String {
+    debug_assert!(!spec.primary_key.is_empty(), "tables need a key to sync");
+    let cols: Vec<String> = spec
+        .columns
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {}",
+                quote_ident(&c.name),
+                super::pgtypes::sqlite_decl(c.pg_type_oid, c.kind)
+            )
+        })
+        .collect();
+    let pk: Vec<String> = spec
+        .primary_key
+        .iter()
+        .map(|&i| quote_ident(&spec.columns[i].name))
+        .collect();
+    format!(
+        "CREATE TABLE {} ({}, PRIMARY KEY ({}))",
+        quote_ident(name),
+        cols.join(", "),
+        pk.join(", ")
+    )
 }
 
 /// `"k1" = ?1 AND "k2" = ?2`: the primary key, bound in key order.
