@@ -242,6 +242,24 @@ fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// The log line without terminal colour sequences (`ESC [ ... m`).
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl Zcache {
     fn spawn(pg: &PgCluster, replica: &Path, tag: &str) -> Zcache {
         let mut child = Command::new(env!("CARGO_BIN_EXE_zcache"))
@@ -267,6 +285,7 @@ impl Zcache {
         let tag = tag.to_string();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let line = strip_ansi(&line);
                 eprintln!("[zcache {tag}] {line}");
                 log2.lock().expect("log").push(line);
             }
