@@ -141,7 +141,7 @@ fn load_txn(n: u64) -> String {
            WHERE (k, j) IN (SELECT k, j FROM b WHERE k = {B_K} LIMIT 1);
          DELETE FROM b WHERE k = {B_K};\n",
     ));
-    if n % 50 == 0 {
+    if n.is_multiple_of(50) {
         sql.push_str(
             "INSERT INTO a (v, n) SELECT repeat('big', 20), i FROM generate_series(1, 800) i;\n",
         );
@@ -149,7 +149,7 @@ fn load_txn(n: u64) -> String {
     if n % 400 == 399 {
         sql.push_str("TRUNCATE b;\n");
     }
-    if n % 17 == 0 {
+    if n.is_multiple_of(17) {
         sql.push_str("ROLLBACK;");
     } else {
         sql.push_str("COMMIT;");
@@ -183,7 +183,7 @@ impl Load {
                     while !stop2.load(Ordering::Relaxed) {
                         n += 1;
                         match conn.execute(&load_txn(n)).await {
-                            Ok(()) if n % 17 != 0 => {
+                            Ok(()) if !n.is_multiple_of(17) => {
                                 committed2.fetch_add(1, Ordering::Relaxed);
                             }
                             Ok(()) => {}

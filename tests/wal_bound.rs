@@ -85,7 +85,7 @@ fn read_loop(replica: &Path, stop: &AtomicBool, wal_max: &AtomicU64, seed: u64) 
         x ^= x >> 7;
         x ^= x << 17;
         reader.begin_snapshot().expect("snapshot");
-        let rows = if reads % SCAN_EVERY == 0 {
+        let rows = if reads.is_multiple_of(SCAN_EVERY) {
             reader.fetch_rows("w", &[]).expect("scan")
         } else {
             let id = Value::Int((x % ROWS as u64) as i64);
@@ -180,10 +180,7 @@ fn the_replica_wal_stays_bounded_under_writes_and_reads() {
         }
         let caught_up = (loaded, started.elapsed());
         stop.store(true, Ordering::Relaxed);
-        let reads: u64 = readers
-            .into_iter()
-            .map(|r| r.join().expect("reader"))
-            .sum();
+        let reads: u64 = readers.into_iter().map(|r| r.join().expect("reader")).sum();
         sampler.join().expect("sampler");
         (reads, target, caught_up)
     });

@@ -455,6 +455,80 @@ mod tests {
     }
 
     #[test]
+    fn reset_empties_the_replica_in_the_same_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("replica.db");
+        let mut r = Replica::open(&path).expect("open");
+        r.create_table(&issue_spec()).expect("create");
+        r.begin().expect("begin");
+        r.upsert(
+            "issue",
+            &vec![Value::Text("a".into()), Value::Int(1), Value::Bool(true)],
+        )
+        .expect("upsert");
+        r.set_meta("slot", "s1").expect("meta");
+        r.commit(5).expect("commit");
+        let reader = crate::sqlite::ReplicaReader::open(&path).expect("reader");
+        assert_eq!(reader.begin_snapshot().expect("snapshot"), 5);
+        reader.end_snapshot().expect("end");
+
+        r.reset().expect("reset");
+        assert_eq!(r.watermark().expect("watermark"), None);
+        assert_eq!(r.meta("slot").expect("meta"), None);
+        assert!(r.tables().is_empty());
+        // The reader opened before the reset sees it: same file.
+        assert!(
+            reader.begin_snapshot().is_err(),
+            "no watermark after a reset"
+        );
+        reader.end_snapshot().expect("end");
+        let n: i64 = r
+            .conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'issue'",
+                [],
+                |x| x.get(0),
+            )
+            .expect("count");
+        assert_eq!(n, 0);
+        // And the replica fills again.
+        r.create_table(&issue_spec()).expect("create again");
+        r.begin().expect("begin");
+        r.commit(9).expect("commit");
+        assert_eq!(reader.begin_snapshot().expect("snapshot"), 9);
+        reader.end_snapshot().expect("end");
+    }
+
+    #[test]
+    fn commits_keep_the_wal_under_its_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("replica.db");
+        let mut r = Replica::open(&path).expect("open");
+        r.create_table(&issue_spec()).expect("create");
+        // One transaction larger than the limit, then a small one: the commit of the large
+        // one truncates the WAL.
+        r.begin().expect("begin");
+        let text = "x".repeat(4000);
+        for i in 0..(REPLICA_WAL_BYTES_MAX / 4000 + 100) {
+            r.upsert(
+                "issue",
+                &vec![
+                    Value::Text(format!("{i}{text}")),
+                    Value::Int(1),
+                    Value::Null,
+                ],
+            )
+            .expect("upsert");
+        }
+        r.commit(1).expect("commit");
+        assert!(
+            r.wal_bytes() <= REPLICA_WAL_BYTES_MAX,
+            "WAL of {} bytes after a commit",
+            r.wal_bytes()
+        );
+    }
+
+    #[test]
     fn writes_commit_with_watermark_and_survive_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("replica.db");
