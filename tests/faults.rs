@@ -418,9 +418,9 @@ fn settle_and_compare(pg: &PgCluster, replica: &Path) -> usize {
 }
 
 /// Samples, every `SAMPLE_INTERVAL_MS` from a thread, the confirmed LSN of the replica's slot
-/// and then the replica's watermark: the first may never exceed the second. (The watermark
-/// only grows for a given slot, so reading it second can only favour the replica... in the
-/// direction the invariant allows: a violation seen here is real.)
+/// and then the replica's watermark: the first may never exceed the second. (For a given
+/// slot the watermark only grows, so reading it second cannot hide a violation that existed
+/// when the confirmed LSN was read, and every violation reported is real.)
 struct Sampler {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<(u64, Vec<String>)>>,
