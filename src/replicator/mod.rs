@@ -17,7 +17,7 @@ use crate::sqlite::pgtypes::TypeError;
 use crate::sqlite::{Replica, ReplicaError};
 use apply::Applier;
 use setup::{quote_literal, SetupError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often a standby status is sent when nothing else prompts one (Postgres' default
 /// wal_sender_timeout is 60 s).
@@ -53,29 +53,104 @@ pub struct Prepared {
     pub config: Config,
 }
 
-async fn slot_exists(upstream: &ConnConfig, slot: &str) -> Result<bool, ReplError> {
+/// What upstream says about a replication slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotState {
+    /// Present and streamable.
+    Usable,
+    /// Dropped (by an operator, or never made because a start-up was killed).
+    Missing,
+    /// Invalidated: Postgres removed WAL it still needed (`max_slot_wal_keep_size`).
+    Lost,
+}
+
+/// How long `prepare` waits for a killed predecessor's walsender to let go of its slots
+/// before leaving them for a later start.
+pub const STALE_SLOT_WAIT_MS_MAX: u64 = 5_000;
+/// First wait before reconnecting; doubled after each failure up to the maximum.
+pub const RECONNECT_BACKOFF_MS_MIN: u64 = 500;
+
+pub async fn slot_state(upstream: &ConnConfig, slot: &str) -> Result<SlotState, ReplError> {
     let mut conn = connect(upstream, false).await?;
     let rows = conn
         .simple_query(&format!(
-            "SELECT 1 FROM pg_replication_slots WHERE slot_name = {}",
+            "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = {}",
             quote_literal(slot)
         ))
         .await?;
     let _ = conn.close().await;
-    Ok(rows.iter().any(|r| !r.rows.is_empty()))
+    let status = rows.iter().flat_map(|r| &r.rows).next().cloned();
+    Ok(match status {
+        None => SlotState::Missing,
+        Some(row) if row.first().cloned().flatten().as_deref() == Some("lost") => SlotState::Lost,
+        Some(_) => SlotState::Usable,
+    })
+}
+
+/// Drops this shard's slots other than `keep` (left by earlier replicas, or by a start-up
+/// killed during its initial sync): they would hold WAL forever. A killed predecessor's
+/// walsender may still hold its slot for a moment, so active ones are waited for, briefly.
+async fn drop_stale_slots<S>(
+    conn: &mut crate::pgrepl::PgConn<S>,
+    cfg: &Config,
+    keep: &str,
+) -> Result<(), ReplError>
+where
+    S: futures_lite::io::AsyncRead + futures_lite::io::AsyncWrite + Unpin,
+{
+    let prefix = format!("{}_{}_", cfg.app_id, cfg.shard_num);
+    let ours = format!(
+        "slot_name LIKE {} AND slot_name <> {}",
+        quote_literal(&format!("{}%", prefix.replace('_', "\\_"))),
+        quote_literal(keep)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_millis(STALE_SLOT_WAIT_MS_MAX);
+    loop {
+        let rows = conn
+            .simple_query(&format!(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+                 WHERE {ours} AND NOT active;
+                 SELECT slot_name FROM pg_replication_slots WHERE {ours}"
+            ))
+            .await?;
+        let left: Vec<String> = rows
+            .last()
+            .map(|r| {
+                r.rows
+                    .iter()
+                    .filter_map(|row| row.first().cloned().flatten())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if left.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(slots = ?left, "stale replication slots are still in use; leaving them");
+            return Ok(());
+        }
+        glommio::timer::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Checks and sets up upstream, then resumes the replica or makes it anew.
+///
+/// A replica is resumed only if it has a watermark (its initial sync committed), the same
+/// publications, and its slot is still usable upstream. Otherwise it is rebuilt in place:
+/// emptied (`Replica::reset`, the file is kept for the syncers' read connections) and
+/// synced from a new slot.
 pub async fn prepare(cfg: &Config, upstream: &ConnConfig) -> Result<Prepared, ReplError> {
     let mut conn = connect(upstream, false).await?;
     setup::check_upstream(&mut conn).await?;
     setup::ensure_shard_schema(&mut conn, cfg).await?;
     let publications = setup::publications(cfg);
-    let replica = Replica::open(&cfg.replica_file)?;
+    let mut replica = Replica::open(&cfg.replica_file)?;
     if let (Some(w), Some(slot)) = (replica.watermark()?, replica.meta("slot")?) {
         let same_pubs = replica.meta("publications")?.as_deref() == Some(&publications.join(","));
-        if same_pubs && slot_exists(upstream, &slot).await? {
+        let state = slot_state(upstream, &slot).await?;
+        if same_pubs && state == SlotState::Usable {
             tracing::info!(%slot, watermark = %Lsn(w), "resuming from the existing replica");
+            drop_stale_slots(&mut conn, cfg, &slot).await?;
             let _ = conn.close().await;
             return Ok(Prepared {
                 replica,
@@ -84,19 +159,12 @@ pub async fn prepare(cfg: &Config, upstream: &ConnConfig) -> Result<Prepared, Re
                 config: cfg.clone(),
             });
         }
-        tracing::warn!(%slot, "the replica's slot or publications changed upstream: syncing anew");
+        tracing::warn!(%slot, ?state, same_pubs, "the replica's slot or publications changed upstream: syncing anew");
+    } else {
+        tracing::info!("the replica has no committed initial sync: syncing");
     }
-    // Emptied in place rather than deleted: syncers' readers may have this file open.
-    let mut replica = replica;
-    replica.clear()?;
-    // Slots of earlier replicas of this shard would hold WAL forever.
-    let prefix = format!("{}_{}_", cfg.app_id, cfg.shard_num);
-    conn.execute(&format!(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
-         WHERE slot_name LIKE {} AND NOT active",
-        quote_literal(&format!("{}%", prefix.replace('_', "\\_")))
-    ))
-    .await?;
+    replica.reset()?;
+    drop_stale_slots(&mut conn, cfg, "").await?;
     let slot = initial_sync::new_slot_name(&cfg.app_id, cfg.shard_num);
     let mut repl_conn = connect(upstream, true).await?;
     initial_sync::run(
@@ -107,6 +175,8 @@ pub async fn prepare(cfg: &Config, upstream: &ConnConfig) -> Result<Prepared, Re
         &publications,
     )
     .await?;
+    // The sync's single transaction passed through the WAL; do not keep it that size.
+    replica.bound_wal();
     let _ = repl_conn.close().await;
     let _ = conn.close().await;
     Ok(Prepared {
@@ -117,51 +187,77 @@ pub async fn prepare(cfg: &Config, upstream: &ConnConfig) -> Result<Prepared, Re
     })
 }
 
-/// Streams forever, reconnecting with backoff when upstream fails.
+/// Streams forever, reconnecting with backoff when upstream fails, and rebuilding the replica
+/// when its slot is gone or invalidated upstream (else it would fail forever).
 pub async fn stream_forever(
     upstream: ConnConfig,
     mut prepared: Prepared,
     syncers: Vec<glommio::channels::shared_channel::ConnectedSender<VersionReady>>,
 ) {
-    let mut backoff_ms = 500;
+    let mut backoff_ms = RECONNECT_BACKOFF_MS_MIN;
     loop {
-        match stream(&upstream, &mut prepared, &syncers).await {
+        let mut streamed = false;
+        let e = match stream(&upstream, &mut prepared, &syncers, &mut streamed).await {
             Ok(()) => return,
-            Err(ReplError::ResetRequired(why)) if !prepared.config.auto_reset => {
-                let _ = prepared.replica.rollback();
+            Err(e) => e,
+        };
+        let _ = prepared.replica.rollback();
+        if streamed {
+            // It was working: a new failure starts a new series of retries.
+            backoff_ms = RECONNECT_BACKOFF_MS_MIN;
+        }
+        if let ReplError::ResetRequired(why) = &e {
+            if !prepared.config.auto_reset {
                 tracing::error!(%why, "replication stopped: the replica cannot follow upstream \
                     in place and ZERO_AUTO_RESET is off; restart with it on, or delete the replica");
                 return;
             }
-            Err(ReplError::ResetRequired(why)) => {
-                tracing::warn!(%why, "rebuilding the replica with a new initial sync");
-                while let Err(e) = reset(&upstream, &mut prepared, &syncers).await {
-                    tracing::error!(error = %e, retry_ms = backoff_ms, "rebuilding the replica failed");
-                    glommio::timer::sleep(Duration::from_millis(backoff_ms)).await;
-                    backoff_ms = (backoff_ms * 2).min(RECONNECT_BACKOFF_MS_MAX);
+            tracing::warn!(%why, "rebuilding the replica with a new initial sync");
+            match reset(&upstream, &prepared, &syncers).await {
+                Ok(p) => {
+                    prepared = p;
+                    backoff_ms = RECONNECT_BACKOFF_MS_MIN;
+                    continue;
                 }
-                backoff_ms = 500;
+                Err(e) => {
+                    tracing::error!(error = %e, retry_ms = backoff_ms, "rebuilding the replica failed")
+                }
             }
-            Err(e) => {
-                let _ = prepared.replica.rollback();
-                tracing::error!(error = %e, retry_ms = backoff_ms, "replication stream failed; reconnecting");
-                glommio::timer::sleep(Duration::from_millis(backoff_ms)).await;
-                backoff_ms = (backoff_ms * 2).min(RECONNECT_BACKOFF_MS_MAX);
-            }
+            glommio::timer::sleep(Duration::from_millis(backoff_ms)).await;
+            backoff_ms = (backoff_ms * 2).min(RECONNECT_BACKOFF_MS_MAX);
+            continue;
         }
+        tracing::error!(error = %e, retry_ms = backoff_ms, "replication stream failed; reconnecting");
+        match slot_state(&upstream, &prepared.slot).await {
+            Ok(SlotState::Usable) => {}
+            Ok(state) => {
+                tracing::warn!(slot = %prepared.slot, ?state, "the replica's slot is gone upstream: rebuilding the replica");
+                match rebuild(&upstream, &prepared, &syncers).await {
+                    Ok(p) => {
+                        prepared = p;
+                        backoff_ms = RECONNECT_BACKOFF_MS_MIN;
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, retry_ms = backoff_ms, "rebuilding the replica failed")
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot check the replication slot"),
+        }
+        glommio::timer::sleep(Duration::from_millis(backoff_ms)).await;
+        backoff_ms = (backoff_ms * 2).min(RECONNECT_BACKOFF_MS_MAX);
     }
 }
 
-/// Automatic reset: drops the slot, empties the replica in place and syncs it anew, then
-/// tells the syncers every table changed.
+/// Automatic reset: drops the replica's slot (ending its walsender), then rebuilds.
 async fn reset(
     upstream: &ConnConfig,
-    p: &mut Prepared,
+    p: &Prepared,
     syncers: &[glommio::channels::shared_channel::ConnectedSender<VersionReady>],
-) -> Result<(), ReplError> {
-    /// How long the old walsender may take to let go of the slot.
+) -> Result<Prepared, ReplError> {
+    /// How many times to wait 50 ms for the old walsender to let go of the slot.
     const SLOT_RELEASE_ATTEMPTS_MAX: u32 = 100;
-    p.replica.rollback()?;
     let mut conn = connect(upstream, false).await?;
     let slot = quote_literal(&p.slot);
     for _ in 0..SLOT_RELEASE_ATTEMPTS_MAX {
@@ -181,22 +277,36 @@ async fn reset(
     }
     let _ = conn.close().await;
     // Without its slot, prepare empties the replica and syncs anew.
-    let cfg = p.config.clone();
-    *p = prepare(&cfg, upstream).await?;
-    let v = VersionReady {
-        watermark: p.replica.watermark()?.unwrap_or(0),
-        tables: p.replica.tables().keys().cloned().collect(),
-    };
+    rebuild(upstream, p, syncers).await
+}
+
+/// A new initial sync into the same replica file, then one version naming every table that
+/// was or now is in the replica, so syncers reload the specs and re-evaluate their queries.
+async fn rebuild(
+    upstream: &ConnConfig,
+    old: &Prepared,
+    syncers: &[glommio::channels::shared_channel::ConnectedSender<VersionReady>],
+) -> Result<Prepared, ReplError> {
+    let mut tables: Vec<String> = old.replica.tables().keys().cloned().collect();
+    let p = prepare(&old.config, upstream).await?;
+    tables.extend(p.replica.tables().keys().cloned());
+    tables.sort();
+    tables.dedup();
+    let watermark = p.replica.watermark()?.unwrap_or(0);
+    tracing::info!(slot = %p.slot, watermark = %Lsn(watermark), "replica rebuilt");
+    let v = VersionReady { watermark, tables };
     for s in syncers {
         let _ = s.send(v.clone()).await;
     }
-    Ok(())
+    Ok(p)
 }
 
+/// Streams until upstream fails; sets `streamed` once replication started.
 async fn stream(
     upstream: &ConnConfig,
     p: &mut Prepared,
     syncers: &[glommio::channels::shared_channel::ConnectedSender<VersionReady>],
+    streamed: &mut bool,
 ) -> Result<(), ReplError> {
     let start = Lsn(p.replica.watermark()?.unwrap_or(0));
     let conn = connect(upstream, true).await?;
@@ -204,14 +314,21 @@ async fn stream(
         .start_replication(&p.slot, start, &p.publications)
         .await?;
     tracing::info!(slot = %p.slot, from = %start, "streaming changes");
+    *streamed = true;
     let mut applier = Applier::new(setup::ddl_message_prefix(&p.config));
     let mut confirmed = start;
     // The WAL end keepalives reported between transactions: applied (nothing in it was
     // published) but recorded in the replica only when it is about to be confirmed.
     let mut idle_end = start;
+    let status_interval = Duration::from_millis(STATUS_INTERVAL_MS);
+    // A deadline, not a timer per message: keepalives that ask no reply would otherwise keep
+    // restarting it, and idle WAL would be recorded only when Postgres asks (every
+    // wal_sender_timeout / 2).
+    let mut status_due = Instant::now() + status_interval;
     loop {
+        let wait = status_due.saturating_duration_since(Instant::now());
         let tick = async {
-            glommio::timer::sleep(Duration::from_millis(STATUS_INTERVAL_MS)).await;
+            glommio::timer::sleep(wait).await;
             None
         };
         let event = futures_lite::future::or(async { Some(stream.recv().await) }, tick).await;
@@ -220,6 +337,7 @@ async fn stream(
             stream
                 .send_status(confirmed, confirmed, confirmed, false)
                 .await?;
+            status_due = Instant::now() + status_interval;
             continue;
         };
         match event? {
@@ -231,6 +349,7 @@ async fn stream(
                     stream
                         .send_status(confirmed, confirmed, confirmed, false)
                         .await?;
+                    status_due = Instant::now() + status_interval;
                     let v = VersionReady {
                         watermark: commit.watermark,
                         tables: commit.tables,
@@ -254,6 +373,7 @@ async fn stream(
                     stream
                         .send_status(confirmed, confirmed, confirmed, false)
                         .await?;
+                    status_due = Instant::now() + status_interval;
                 }
             }
         }

@@ -6,7 +6,24 @@ use crate::zql::schema::{ColumnKind, ColumnSpec, TableSpec};
 use crate::zql::value::{Row, Value};
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Pages in the WAL after which a commit runs SQLite's passive auto-checkpoint (its default,
+/// set explicitly because the bound below is derived from it).
+pub const REPLICA_WAL_AUTOCHECKPOINT_PAGES: u32 = 1000;
+/// Size of the `-wal` file above which the writer forces a TRUNCATE checkpoint after a commit.
+/// Auto-checkpoints alone keep the WAL near 1000 pages (4 MiB with 4 KiB pages) only when they
+/// complete; a reader whose snapshot overlaps every one of them stops the WAL from restarting,
+/// and stock SQLite has no WAL2 to fall back on. The file can exceed this by at most one
+/// transaction (the check runs after each commit) or while readers hold snapshots longer
+/// than `REPLICA_CHECKPOINT_WAIT_MS_MAX`.
+pub const REPLICA_WAL_BYTES_MAX: u64 = 8 << 20;
+/// How long a forced checkpoint waits for readers to move to the newest snapshot. Short:
+/// the replication shard blocks meanwhile, and the next commit tries again.
+pub const REPLICA_CHECKPOINT_WAIT_MS_MAX: u64 = 100;
+/// How long a statement waits for a lock held by another connection on the replica.
+pub const REPLICA_BUSY_TIMEOUT_MS: u64 = 5_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -21,6 +38,8 @@ pub enum ReplicaError {
 pub struct Replica {
     conn: Connection,
     tables: HashMap<String, TableSpec>,
+    /// The `-wal` file, watched after each commit.
+    wal_path: PathBuf,
 }
 
 const META_DDL: &str = "
@@ -39,11 +58,15 @@ pub fn open_connection(path: &Path, read_only: bool) -> Result<Connection, rusql
             | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
     let conn = Connection::open_with_flags(path, flags)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(Duration::from_millis(REPLICA_BUSY_TIMEOUT_MS))?;
     if !read_only {
         conn.pragma_update(None, "journal_mode", "wal")?;
         // FULL: a commit is durable before the LSN it holds is confirmed to Postgres.
         conn.pragma_update(None, "synchronous", "full")?;
+        conn.pragma_update(None, "wal_autocheckpoint", REPLICA_WAL_AUTOCHECKPOINT_PAGES)?;
+        // When the WAL restarts after a complete checkpoint, the file shrinks to this size
+        // instead of keeping its high-water mark.
+        conn.pragma_update(None, "journal_size_limit", REPLICA_WAL_BYTES_MAX as i64)?;
     }
     Ok(conn)
 }
@@ -56,7 +79,56 @@ impl Replica {
             .into_iter()
             .map(|t| (t.name.clone(), t))
             .collect();
-        Ok(Replica { conn, tables })
+        let mut wal_path = path.as_os_str().to_owned();
+        wal_path.push("-wal");
+        Ok(Replica {
+            conn,
+            tables,
+            wal_path: PathBuf::from(wal_path),
+        })
+    }
+
+    /// Empties the replica for a new initial sync: every table dropped, the metadata (and so
+    /// the watermark) cleared, in one transaction. The file itself stays: syncer shards hold
+    /// read connections on it, and unlinking it would leave them reading the old inode
+    /// forever while the writer fills a new one. Readers see either the old replica or an
+    /// empty one without a watermark (which they report as not ready).
+    pub fn reset(&mut self) -> Result<(), ReplicaError> {
+        self.rollback()?;
+        self.begin()?;
+        let dropped = self.drop_all_tables();
+        match dropped {
+            Ok(()) => self.conn.execute_batch("COMMIT")?,
+            Err(e) => {
+                let _ = self.rollback();
+                return Err(e);
+            }
+        }
+        self.tables.clear();
+        self.schema_changed();
+        // The dropped tables' pages went through the WAL; start the new sync with an empty one.
+        self.checkpoint_truncate();
+        debug_assert!(matches!(self.watermark(), Ok(None)));
+        Ok(())
+    }
+
+    fn drop_all_tables(&self) -> Result<(), ReplicaError> {
+        let names: Vec<String> = {
+            let mut stmt = self.conn.prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'table'
+                 AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
+                 AND name NOT LIKE '\\_zcache\\_%' ESCAPE '\\'",
+            )?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for name in names {
+            self.conn
+                .execute_batch(&format!("DROP TABLE {}", quote_ident(&name)))?;
+        }
+        self.conn
+            .execute_batch("DELETE FROM _zcache_tables; DELETE FROM _zcache_meta;")?;
+        Ok(())
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<String>, ReplicaError> {
@@ -109,7 +181,46 @@ impl Replica {
     pub fn commit(&self, watermark: u64) -> Result<(), ReplicaError> {
         self.set_meta("watermark", &watermark.to_string())?;
         self.conn.execute_batch("COMMIT")?;
+        self.bound_wal();
         Ok(())
+    }
+
+    /// The `-wal` file's size in bytes (0 when absent).
+    pub fn wal_bytes(&self) -> u64 {
+        std::fs::metadata(&self.wal_path)
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
+    /// Forces a checkpoint when the WAL outgrew `REPLICA_WAL_BYTES_MAX`. A failure here does
+    /// not undo the commit just made: it is logged and the next commit tries again.
+    pub fn bound_wal(&self) {
+        if self.wal_bytes() > REPLICA_WAL_BYTES_MAX {
+            self.checkpoint_truncate();
+        }
+    }
+
+    /// `wal_checkpoint(TRUNCATE)`: copies the whole WAL into the database file and truncates
+    /// it, waiting at most `REPLICA_CHECKPOINT_WAIT_MS_MAX` for readers on older snapshots.
+    fn checkpoint_truncate(&self) {
+        let wait = Duration::from_millis(REPLICA_CHECKPOINT_WAIT_MS_MAX);
+        let result = self.conn.busy_timeout(wait).and_then(|()| {
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+        });
+        let _ = self
+            .conn
+            .busy_timeout(Duration::from_millis(REPLICA_BUSY_TIMEOUT_MS));
+        match result {
+            Ok(0) => {}
+            Ok(_) => tracing::debug!(
+                wal_bytes = self.wal_bytes(),
+                "replica checkpoint blocked by a reader; retrying after the next commit"
+            ),
+            Err(e) => tracing::warn!(error = %e, "replica checkpoint failed"),
+        }
     }
 
     /// Rolls back the open transaction; table specs changed in it are re-read, since schema
@@ -360,29 +471,6 @@ impl Replica {
         Ok(())
     }
 
-    /// Drops every table and forgets the watermark and slot, in one transaction, so the next
-    /// `prepare` syncs anew into this same file (open readers keep working on it).
-    pub fn clear(&mut self) -> Result<(), ReplicaError> {
-        self.rollback()?;
-        let tables: Vec<String> = {
-            let mut stmt = self.conn.prepare(
-                "SELECT name FROM sqlite_master WHERE type = 'table'
-                 AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' AND name NOT IN ('_zcache_meta', '_zcache_tables')",
-            )?;
-            let rows = stmt.query_map([], |r| r.get(0))?;
-            rows.collect::<Result<_, _>>()?
-        };
-        let mut sql = String::from("BEGIN IMMEDIATE;");
-        for t in tables {
-            sql.push_str(&format!("DROP TABLE {};", quote_ident(&t)));
-        }
-        sql.push_str("DELETE FROM _zcache_tables; DELETE FROM _zcache_meta; COMMIT;");
-        self.schema_changed();
-        self.conn.execute_batch(&sql)?;
-        self.tables.clear();
-        Ok(())
-    }
-
     /// Drops the table's secondary indexes and returns their column lists.
     fn take_indexes(&self, table: &str) -> Result<Vec<Vec<String>>, ReplicaError> {
         let names: Vec<String> = {
@@ -549,6 +637,80 @@ mod tests {
             ],
             primary_key: vec![0],
         }
+    }
+
+    #[test]
+    fn reset_empties_the_replica_in_the_same_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("replica.db");
+        let mut r = Replica::open(&path).expect("open");
+        r.create_table(&issue_spec()).expect("create");
+        r.begin().expect("begin");
+        r.upsert(
+            "issue",
+            &vec![Value::Text("a".into()), Value::Int(1), Value::Bool(true)],
+        )
+        .expect("upsert");
+        r.set_meta("slot", "s1").expect("meta");
+        r.commit(5).expect("commit");
+        let reader = crate::sqlite::ReplicaReader::open(&path).expect("reader");
+        assert_eq!(reader.begin_snapshot().expect("snapshot"), 5);
+        reader.end_snapshot().expect("end");
+
+        r.reset().expect("reset");
+        assert_eq!(r.watermark().expect("watermark"), None);
+        assert_eq!(r.meta("slot").expect("meta"), None);
+        assert!(r.tables().is_empty());
+        // The reader opened before the reset sees it: same file.
+        assert!(
+            reader.begin_snapshot().is_err(),
+            "no watermark after a reset"
+        );
+        reader.end_snapshot().expect("end");
+        let n: i64 = r
+            .conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'issue'",
+                [],
+                |x| x.get(0),
+            )
+            .expect("count");
+        assert_eq!(n, 0);
+        // And the replica fills again.
+        r.create_table(&issue_spec()).expect("create again");
+        r.begin().expect("begin");
+        r.commit(9).expect("commit");
+        assert_eq!(reader.begin_snapshot().expect("snapshot"), 9);
+        reader.end_snapshot().expect("end");
+    }
+
+    #[test]
+    fn commits_keep_the_wal_under_its_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("replica.db");
+        let mut r = Replica::open(&path).expect("open");
+        r.create_table(&issue_spec()).expect("create");
+        // One transaction larger than the limit, then a small one: the commit of the large
+        // one truncates the WAL.
+        r.begin().expect("begin");
+        let text = "x".repeat(4000);
+        for i in 0..(REPLICA_WAL_BYTES_MAX / 4000 + 100) {
+            r.upsert(
+                "issue",
+                &vec![
+                    Value::Text(format!("{i}{text}")),
+                    Value::Int(1),
+                    Value::Null,
+                ],
+            )
+            .expect("upsert");
+        }
+        r.commit(1).expect("commit");
+        assert!(
+            r.wal_bytes() <= REPLICA_WAL_BYTES_MAX,
+            "WAL of {} bytes after a commit",
+            r.wal_bytes()
+        );
     }
 
     #[test]
