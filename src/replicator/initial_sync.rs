@@ -68,7 +68,7 @@ where
     phase("slot created");
     import_snapshot(snapshot_conn, &snapshot).await?;
     let mut tables = published_tables(snapshot_conn, publications).await?;
-    tables.sort_by(|a, b| b.heap_bytes.cmp(&a.heap_bytes));
+    tables.sort_by_key(|t| std::cmp::Reverse(t.heap_bytes));
     // The snapshot stays importable while the replication connection that exported it is
     // open and idle, which it is until the copy is over.
     let mut extra = Vec::new();
@@ -216,7 +216,7 @@ impl<'a> Progress<'a> {
     #[inline]
     fn row(&mut self) {
         self.rows += 1;
-        if self.rows % 4096 != 0 {
+        if !self.rows.is_multiple_of(4096) {
             return;
         }
         let now = Instant::now();

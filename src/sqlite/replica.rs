@@ -12,9 +12,10 @@ use std::path::Path;
 
 /// Prepared statements the writer keeps: a few per table (upsert, delete, get) plus metadata.
 const STATEMENT_CACHE_CAPACITY: usize = 256;
-/// SQLite page cache of the writer during the initial copy, in KiB: big enough that the
-/// primary-key index of a large table mostly stays in memory, bounded whatever the table size.
-const BULK_CACHE_KIB: i64 = 256 * 1024;
+/// SQLite page cache of the writer during the initial copy, in KiB, bounded whatever the
+/// table size. Measured on 1M rows: 64 MiB beat 16 MiB (more page reloads) and 256 MiB
+/// (first-touch page faults cost more than the pages saved).
+const BULK_CACHE_KIB: i64 = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
