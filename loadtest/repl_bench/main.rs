@@ -40,6 +40,10 @@ struct Args {
     /// Initial syncs to run (each from an empty replica); the best and median are reported.
     #[arg(long, default_value_t = 3)]
     syncs: usize,
+    /// Pause between the live phase's transactions, in ms (0: back to back, which measures
+    /// latency under saturation; a pause measures it below capacity).
+    #[arg(long, default_value_t = 0)]
+    pace_ms: u64,
 }
 
 fn psql(pg: &PgCluster, sql: &str) -> String {
@@ -148,6 +152,9 @@ fn produce(url: String, first_tx: u64, args: Args) -> std::thread::JoinHandle<Ve
                         at,
                         lsn_after: lsn.0,
                     });
+                    if args.pace_ms > 0 && first_tx > 0 {
+                        glommio::timer::sleep(Duration::from_millis(args.pace_ms)).await;
+                    }
                 }
                 out
             })
@@ -413,7 +420,8 @@ fn print_table(
         );
         let l = &st.latency;
         println!(
-            "| commit -> replica commit latency (live, n={}) | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms |",
+            "| commit -> replica commit latency (live, pace {} ms, n={}) | p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms |",
+            args.pace_ms,
             l.len(),
             l.value_at_quantile(0.5) as f64 / 1e3,
             l.value_at_quantile(0.99) as f64 / 1e3,
