@@ -168,6 +168,7 @@ pub async fn prepare(cfg: &Config, upstream: &ConnConfig) -> Result<Prepared, Re
     let slot = initial_sync::new_slot_name(&cfg.app_id, cfg.shard_num);
     let mut repl_conn = connect(upstream, true).await?;
     initial_sync::run(
+        upstream,
         &mut repl_conn,
         &mut conn,
         &mut replica,

@@ -15,6 +15,10 @@ pub struct PublishedTable {
     pub spec: TableSpec,
     /// Column lists of the table's other indexes, copied to the replica.
     pub indexes: Vec<Vec<String>>,
+    /// The planner's row estimate (`pg_class.reltuples`; 0 when never analyzed), for progress.
+    pub rows_estimate: u64,
+    /// The heap's size on disk, which orders the copies: largest first.
+    pub heap_bytes: u64,
 }
 
 impl PublishedTable {
@@ -133,7 +137,20 @@ async fn describe<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(primary_key) = primary_key else {
         return Ok(None);
     };
+    let size_sql = format!(
+        "SELECT greatest(c.reltuples, 0)::int8, pg_relation_size(c.oid) FROM pg_class c WHERE c.oid = {rel}::regclass"
+    );
+    let size = conn.simple_query(&size_sql).await?;
+    let size_row = size.iter().flat_map(|r| r.rows.iter()).next();
+    let number = |i: usize| {
+        size_row
+            .map(|r| cell(r, i))
+            .and_then(|t| t.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     Ok(Some(PublishedTable {
+        rows_estimate: number(0),
+        heap_bytes: number(1),
         schema: schema.to_string(),
         name: name.to_string(),
         spec: TableSpec {

@@ -293,58 +293,122 @@ fn write_json_number(raw: &str, out: &mut String) {
 /// Splits one line of text-format COPY output into its fields, undoing COPY's escapes.
 /// `None` marks SQL NULL (`\N`).
 pub fn split_copy_line(line: &[u8]) -> Result<Vec<Option<String>>, &'static str> {
-    let line = line.strip_suffix(b"\n").unwrap_or(line);
     let mut fields = Vec::new();
+    let mut scratch = Vec::new();
+    copy_line_fields(
+        line,
+        &mut scratch,
+        |e| e,
+        |_, f| {
+            fields.push(f.map(str::to_string));
+            Ok(())
+        },
+    )?;
+    Ok(fields)
+}
+
+/// Like `split_copy_line` without allocating per field: hands each field (its index, `None`
+/// for NULL) to `f`, borrowed from `line` when it has no escapes, else unescaped into
+/// `scratch`. Returns the number of fields.
+pub fn copy_line_fields<E>(
+    line: &[u8],
+    scratch: &mut Vec<u8>,
+    on_error: impl Fn(&'static str) -> E,
+    mut f: impl FnMut(usize, Option<&str>) -> Result<(), E>,
+) -> Result<usize, E> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let mut n = 0;
     for raw in line.split(|&b| b == b'\t') {
         if raw == b"\\N" {
-            fields.push(None);
+            f(n, None)?;
+        } else if !raw.contains(&b'\\') {
+            let text = std::str::from_utf8(raw).map_err(|_| on_error(NOT_UTF8))?;
+            f(n, Some(text))?;
+        } else {
+            scratch.clear();
+            unescape_copy_field(raw, scratch).map_err(&on_error)?;
+            let text = std::str::from_utf8(scratch).map_err(|_| on_error(NOT_UTF8))?;
+            f(n, Some(text))?;
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+const NOT_UTF8: &str = "COPY data is not UTF-8";
+
+/// Undoes text COPY's backslash escapes of one field, appending to `out`.
+fn unescape_copy_field(raw: &[u8], out: &mut Vec<u8>) -> Result<(), &'static str> {
+    out.reserve(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] != b'\\' {
+            out.push(raw[i]);
+            i += 1;
             continue;
         }
-        let mut out = Vec::with_capacity(raw.len());
-        let mut i = 0;
-        while i < raw.len() {
-            if raw[i] != b'\\' {
-                out.push(raw[i]);
-                i += 1;
-                continue;
-            }
-            let c = *raw.get(i + 1).ok_or("dangling backslash in COPY data")?;
-            i += 2;
-            match c {
-                b'n' => out.push(b'\n'),
-                b't' => out.push(b'\t'),
-                b'r' => out.push(b'\r'),
-                b'b' => out.push(8),
-                b'f' => out.push(12),
-                b'v' => out.push(11),
-                b'0'..=b'7' => {
-                    let mut v = (c - b'0') as u32;
-                    let mut n = 1;
-                    while n < 3 && i < raw.len() && (b'0'..=b'7').contains(&raw[i]) {
-                        v = v * 8 + (raw[i] - b'0') as u32;
-                        i += 1;
-                        n += 1;
-                    }
-                    out.push(v as u8);
+        let c = *raw.get(i + 1).ok_or("dangling backslash in COPY data")?;
+        i += 2;
+        match c {
+            b'n' => out.push(b'\n'),
+            b't' => out.push(b'\t'),
+            b'r' => out.push(b'\r'),
+            b'b' => out.push(8),
+            b'f' => out.push(12),
+            b'v' => out.push(11),
+            b'0'..=b'7' => {
+                let mut v = (c - b'0') as u32;
+                let mut n = 1;
+                while n < 3 && i < raw.len() && (b'0'..=b'7').contains(&raw[i]) {
+                    v = v * 8 + (raw[i] - b'0') as u32;
+                    i += 1;
+                    n += 1;
                 }
-                b'x' => {
-                    let mut v = 0u32;
-                    let mut n = 0;
-                    while n < 2 && i < raw.len() && raw[i].is_ascii_hexdigit() {
-                        v = v * 16 + (raw[i] as char).to_digit(16).unwrap_or(0);
-                        i += 1;
-                        n += 1;
-                    }
-                    out.push(v as u8);
-                }
-                other => out.push(other),
+                out.push(v as u8);
             }
+            b'x' => {
+                let mut v = 0u32;
+                let mut n = 0;
+                while n < 2 && i < raw.len() && raw[i].is_ascii_hexdigit() {
+                    v = v * 16 + (raw[i] as char).to_digit(16).unwrap_or(0);
+                    i += 1;
+                    n += 1;
+                }
+                out.push(v as u8);
+            }
+            other => out.push(other),
         }
-        fields.push(Some(
-            String::from_utf8(out).map_err(|_| "COPY data is not UTF-8")?,
-        ));
     }
-    Ok(fields)
+    Ok(())
+}
+
+/// `replica::to_sql(&decode_text(..)?)` without allocating for the common kinds: text is
+/// borrowed, integers and booleans are parsed in place.
+#[inline]
+pub fn decode_text_sql<'a>(
+    type_oid: u32,
+    kind: ColumnKind,
+    text: &'a str,
+) -> Result<rusqlite::types::ToSqlOutput<'a>, TypeError> {
+    use oid::*;
+    use rusqlite::types::{ToSqlOutput, ValueRef};
+    let borrowed = match (kind, type_oid) {
+        (ColumnKind::String | ColumnKind::Null, _) => Some(ValueRef::Text(text.as_bytes())),
+        (ColumnKind::Number, INT2 | INT4 | INT8 | OID) => text.parse().ok().map(ValueRef::Integer),
+        (ColumnKind::Boolean, _) => match text {
+            "t" | "true" => Some(ValueRef::Integer(1)),
+            "f" | "false" => Some(ValueRef::Integer(0)),
+            _ => None,
+        },
+        _ => None,
+    };
+    match borrowed {
+        Some(v) => Ok(ToSqlOutput::Borrowed(v)),
+        // Floats, times, JSON, arrays and every error: the one general decoder.
+        None => Ok(ToSqlOutput::Owned(super::replica::to_sql(&decode_text(
+            type_oid, kind, text,
+        )?))),
+    }
 }
 
 #[cfg(test)]
@@ -440,7 +504,78 @@ mod tests {
         assert!(decode_text(oid::INT4, ColumnKind::Number, "x").is_err());
     }
 
+    #[test]
+    fn copy_fields_borrow_or_unescape() {
+        let mut scratch = Vec::new();
+        let mut seen = Vec::new();
+        let n = copy_line_fields(
+            b"plain\t\\N\tx\\ny\t\n",
+            &mut scratch,
+            |e| e,
+            |i, f| {
+                seen.push((i, f.map(str::to_string)));
+                Ok(())
+            },
+        )
+        .expect("valid");
+        assert_eq!(n, 4);
+        assert_eq!(
+            seen,
+            vec![
+                (0, Some("plain".into())),
+                (1, None),
+                (2, Some("x\ny".into())),
+                (3, Some(String::new()))
+            ]
+        );
+        assert!(split_copy_line(b"a\\").is_err());
+        assert!(split_copy_line(b"\xff").is_err());
+        assert!(split_copy_line(b"\\377").is_err());
+    }
+
+    /// The kinds and types the replica distinguishes, for the equivalence property.
+    const KINDS: [(u32, ColumnKind); 12] = [
+        (25, ColumnKind::String),
+        (oid::INT2, ColumnKind::Number),
+        (oid::INT4, ColumnKind::Number),
+        (oid::INT8, ColumnKind::Number),
+        (oid::FLOAT8, ColumnKind::Number),
+        (oid::NUMERIC, ColumnKind::Number),
+        (oid::TIMESTAMPTZ, ColumnKind::Number),
+        (oid::DATE, ColumnKind::Number),
+        (oid::BOOL, ColumnKind::Boolean),
+        (oid::JSONB, ColumnKind::Json),
+        (oid::INT4_ARRAY, ColumnKind::Json),
+        (1009, ColumnKind::Json),
+    ];
+
+    fn owned(v: rusqlite::types::ToSqlOutput<'_>) -> rusqlite::types::Value {
+        use rusqlite::types::ToSqlOutput;
+        match v {
+            ToSqlOutput::Borrowed(r) => rusqlite::types::Value::try_from(r).expect("utf-8 text"),
+            ToSqlOutput::Owned(v) => v,
+            _ => panic!("unexpected output"),
+        }
+    }
+
     proptest::proptest! {
+        #[test]
+        fn decode_text_sql_matches_decode_text(
+            k in 0..KINDS.len(),
+            s in proptest::prop_oneof![
+                proptest::string::string_regex("-?[0-9]{1,20}").expect("regex"),
+                proptest::string::string_regex("(t|f|true|false|NaN|Infinity)").expect("regex"),
+                proptest::string::string_regex("\\{[0-9,]{0,8}\\}").expect("regex"),
+                proptest::string::string_regex("20[0-9]{2}-0[1-9]-1[0-9]( 1[0-9]:[0-5][0-9]:[0-5][0-9])?").expect("regex"),
+                proptest::arbitrary::any::<String>(),
+            ],
+        ) {
+            let (oid, kind) = KINDS[k];
+            let general = decode_text(oid, kind, &s).map(|v| crate::sqlite::replica::to_sql(&v));
+            let fast = decode_text_sql(oid, kind, &s).map(owned);
+            proptest::prop_assert_eq!(general, fast);
+        }
+
         #[test]
         fn decoders_never_panic(s: String, b: Vec<u8>) {
             let _ = parse_timestamp_ms(&s);

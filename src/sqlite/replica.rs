@@ -4,7 +4,9 @@
 use super::quote_ident;
 use crate::zql::schema::{ColumnKind, ColumnSpec, TableSpec};
 use crate::zql::value::{Row, Value};
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{params, CachedStatement, Connection, OptionalExtension};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -25,6 +27,13 @@ pub const REPLICA_CHECKPOINT_WAIT_MS_MAX: u64 = 100;
 /// How long a statement waits for a lock held by another connection on the replica.
 pub const REPLICA_BUSY_TIMEOUT_MS: u64 = 5_000;
 
+/// Prepared statements the writer keeps: a few per table (upsert, delete, get) plus metadata.
+const STATEMENT_CACHE_CAPACITY: usize = 256;
+/// SQLite page cache of the writer during the initial copy, in KiB, bounded whatever the
+/// table size. Measured on 1M rows: 64 MiB beat 16 MiB (more page reloads) and 256 MiB
+/// (first-touch page faults cost more than the pages saved).
+const BULK_CACHE_KIB: i64 = 64 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
     #[error("replica SQLite error: {0}")]
@@ -40,6 +49,64 @@ pub struct Replica {
     tables: HashMap<String, TableSpec>,
     /// The `-wal` file, watched after each commit.
     wal_path: PathBuf,
+    /// Row statements' SQL per table, made once instead of per row; each entry remembers the
+    /// spec it was made from, so a changed spec (whoever changed it) makes it anew.
+    row_sql: RefCell<HashMap<String, RowSql>>,
+    /// Set between `begin_bulk_load` and `end_bulk_load`.
+    bulk: bool,
+}
+
+/// The SQL of one table's row statements.
+#[derive(Clone)]
+struct RowSql {
+    spec: TableSpec,
+    upsert: std::rc::Rc<str>,
+    delete: std::rc::Rc<str>,
+}
+
+impl RowSql {
+    fn new(spec: &TableSpec) -> Self {
+        let placeholders: Vec<String> = (1..=spec.columns.len()).map(|i| format!("?{i}")).collect();
+        let table = quote_ident(&spec.name);
+        RowSql {
+            spec: spec.clone(),
+            upsert: format!(
+                "INSERT OR REPLACE INTO {table} VALUES ({})",
+                placeholders.join(", ")
+            )
+            .into(),
+            delete: format!("DELETE FROM {table} WHERE {}", key_condition(spec)).into(),
+        }
+    }
+}
+
+/// Inserts rows into one table through one prepared statement, kept for as long as the
+/// writer lives (the initial copy holds one per table for the whole table).
+pub struct RowWriter<'a> {
+    stmt: CachedStatement<'a>,
+    columns: usize,
+}
+
+impl RowWriter<'_> {
+    /// Binds column `i` (0-based) of the next row.
+    #[inline]
+    pub fn bind(&mut self, i: usize, value: ToSqlOutput<'_>) -> Result<(), ReplicaError> {
+        debug_assert!(i < self.columns, "column {i} of {}", self.columns);
+        self.stmt.raw_bind_parameter(i + 1, value)?;
+        Ok(())
+    }
+
+    /// Writes the row whose columns were all bound (a column not bound since the last row
+    /// keeps its previous value, so callers bind every column).
+    #[inline]
+    pub fn insert(&mut self) -> Result<(), ReplicaError> {
+        self.stmt.raw_execute()?;
+        Ok(())
+    }
+
+    pub fn columns(&self) -> usize {
+        self.columns
+    }
 }
 
 const META_DDL: &str = "
@@ -74,6 +141,7 @@ pub fn open_connection(path: &Path, read_only: bool) -> Result<Connection, rusql
 impl Replica {
     pub fn open(path: &Path) -> Result<Self, ReplicaError> {
         let conn = open_connection(path, false)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
         conn.execute_batch(META_DDL)?;
         let tables = load_specs(&conn)?
             .into_iter()
@@ -85,7 +153,81 @@ impl Replica {
             conn,
             tables,
             wal_path: PathBuf::from(wal_path),
+            row_sql: RefCell::new(HashMap::new()),
+            bulk: false,
         })
+    }
+
+    /// Starts the initial copy's transaction. Until `end_bulk_load` the file is not durable
+    /// and not crash-safe (no journal, no syncs): it is worthless anyway until the watermark
+    /// commits, which happens after `end_bulk_load` in an ordinary durable transaction, and a
+    /// replica without a watermark is synced anew from scratch.
+    pub fn begin_bulk_load(&mut self) -> Result<(), ReplicaError> {
+        debug_assert!(self.conn.is_autocommit(), "bulk load inside a transaction");
+        self.conn.pragma_update(None, "synchronous", "off")?;
+        self.conn
+            .pragma_update(None, "cache_size", -BULK_CACHE_KIB)?;
+        // Leaving WAL needs the only connection to the file; if a reader holds it, the copy
+        // still goes through WAL, which is slower but just as correct.
+        let mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode = off", [], |r| r.get(0))
+            .unwrap_or_else(|_| "wal".into());
+        if !mode.eq_ignore_ascii_case("off") {
+            tracing::info!(journal_mode = %mode, "initial copy keeps the journal (the replica is in use)");
+        }
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        self.bulk = true;
+        Ok(())
+    }
+
+    /// Commits the initial copy (without a watermark), syncs it to disk and restores the
+    /// durable settings (WAL, synchronous=FULL) for the watermark and everything after.
+    pub fn end_bulk_load(&mut self) -> Result<(), ReplicaError> {
+        debug_assert!(self.bulk, "end_bulk_load without begin_bulk_load");
+        self.conn.execute_batch("COMMIT")?;
+        self.bulk = false;
+        self.conn.pragma_update(None, "cache_size", -2000)?;
+        // A checkpointed, fsynced main file before any watermark can refer to its content.
+        self.conn.pragma_update(None, "synchronous", "full")?;
+        let mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode = wal", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(ReplicaError::Corrupt(format!(
+                "cannot return to WAL (journal_mode {mode})"
+            )));
+        }
+        self.conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+        if let Some(path) = self.conn.path().filter(|p| !p.is_empty()) {
+            std::fs::File::open(path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| ReplicaError::Corrupt(format!("cannot sync {path}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// A writer of whole rows into `table` (INSERT OR REPLACE), for the initial copy.
+    pub fn row_writer(&self, table: &str) -> Result<RowWriter<'_>, ReplicaError> {
+        let sql = self.row_sql(table)?;
+        Ok(RowWriter {
+            stmt: self.conn.prepare_cached(&sql.upsert)?,
+            columns: sql.spec.columns.len(),
+        })
+    }
+
+    fn row_sql(&self, table: &str) -> Result<RowSql, ReplicaError> {
+        let spec = self.spec(table)?;
+        let mut cache = self.row_sql.borrow_mut();
+        match cache.get(table) {
+            Some(sql) if sql.spec == *spec => Ok(sql.clone()),
+            _ => {
+                let sql = RowSql::new(spec);
+                cache.insert(table.to_string(), sql.clone());
+                Ok(sql)
+            }
+        }
     }
 
     /// Empties the replica for a new initial sync: every table dropped, the metadata (and so
@@ -276,31 +418,18 @@ impl Replica {
 
     /// Inserts or replaces a whole row.
     pub fn upsert(&self, table: &str, row: &Row) -> Result<(), ReplicaError> {
-        let spec = self.spec(table)?;
-        debug_assert_eq!(spec.columns.len(), row.len());
-        let placeholders: Vec<String> = (1..=row.len()).map(|i| format!("?{i}")).collect();
-        let sql = format!(
-            "INSERT OR REPLACE INTO {} VALUES ({})",
-            quote_ident(table),
-            placeholders.join(", ")
-        );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        stmt.execute(rusqlite::params_from_iter(row.iter().map(to_sql)))?;
-        Ok(())
+        let sql = self.row_sql(table)?;
+        debug_assert_eq!(sql.spec.columns.len(), row.len());
+        let mut stmt = self.conn.prepare_cached(&sql.upsert)?;
+        execute_bound(&mut stmt, row)
     }
 
     /// Deletes the row with this primary key (values in key order).
     pub fn delete(&self, table: &str, key: &[Value]) -> Result<(), ReplicaError> {
-        let spec = self.spec(table)?;
-        debug_assert_eq!(spec.primary_key.len(), key.len());
-        let sql = format!(
-            "DELETE FROM {} WHERE {}",
-            quote_ident(table),
-            key_condition(spec)
-        );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        stmt.execute(rusqlite::params_from_iter(key.iter().map(to_sql)))?;
-        Ok(())
+        let sql = self.row_sql(table)?;
+        debug_assert_eq!(sql.spec.primary_key.len(), key.len());
+        let mut stmt = self.conn.prepare_cached(&sql.delete)?;
+        execute_bound(&mut stmt, key)
     }
 
     /// The row with this primary key, if present.
@@ -544,6 +673,28 @@ fn key_condition(spec: &TableSpec) -> String {
     conds.join(" AND ")
 }
 
+/// Binds `values` to ?1.. (borrowing, not copying, their text) and runs the statement.
+fn execute_bound(stmt: &mut rusqlite::Statement<'_>, values: &[Value]) -> Result<(), ReplicaError> {
+    for (i, v) in values.iter().enumerate() {
+        stmt.raw_bind_parameter(i + 1, to_sql_ref(v))?;
+    }
+    stmt.raw_execute()?;
+    Ok(())
+}
+
+/// The SQLite value of `v`, borrowing its text: the same mapping as `to_sql`.
+#[inline]
+pub fn to_sql_ref(v: &Value) -> ToSqlOutput<'_> {
+    ToSqlOutput::Borrowed(match v {
+        Value::Null => ValueRef::Null,
+        Value::Bool(b) => ValueRef::Integer(*b as i64),
+        Value::Int(i) => ValueRef::Integer(*i),
+        Value::Float(f) if f.is_nan() => ValueRef::Null,
+        Value::Float(f) => ValueRef::Real(*f),
+        Value::Text(s) | Value::Json(s) => ValueRef::Text(s.as_bytes()),
+    })
+}
+
 pub fn to_sql(v: &Value) -> rusqlite::types::Value {
     use rusqlite::types::Value as S;
     match v {
@@ -753,5 +904,86 @@ mod tests {
             r.upsert("nope", &vec![]),
             Err(ReplicaError::UnknownTable(_))
         ));
+    }
+
+    #[test]
+    fn bulk_load_writes_rows_then_returns_to_durable_wal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("replica.db");
+        let mut r = Replica::open(&path).expect("open");
+        r.begin_bulk_load().expect("bulk");
+        let mode: String = r
+            .conn
+            .query_row("PRAGMA journal_mode", [], |x| x.get(0))
+            .expect("mode");
+        assert_eq!(mode, "off");
+        r.create_table(&issue_spec()).expect("create");
+        {
+            let mut w = r.row_writer("issue").expect("writer");
+            assert_eq!(w.columns(), 3);
+            for i in 0..1000i64 {
+                let id = format!("i{i}");
+                w.bind(0, ToSqlOutput::Borrowed(ValueRef::Text(id.as_bytes())))
+                    .expect("bind");
+                w.bind(1, ToSqlOutput::Borrowed(ValueRef::Integer(i)))
+                    .expect("bind");
+                w.bind(2, ToSqlOutput::Borrowed(ValueRef::Null))
+                    .expect("bind");
+                w.insert().expect("insert");
+            }
+        }
+        r.end_bulk_load().expect("end bulk");
+        let mode: String = r
+            .conn
+            .query_row("PRAGMA journal_mode", [], |x| x.get(0))
+            .expect("mode");
+        assert_eq!(mode, "wal");
+        let sync: i64 = r
+            .conn
+            .query_row("PRAGMA synchronous", [], |x| x.get(0))
+            .expect("sync");
+        assert_eq!(sync, 2, "FULL again after the copy");
+        r.begin().expect("begin");
+        r.commit(5).expect("commit");
+        drop(r);
+        let r = Replica::open(&path).expect("reopen");
+        assert_eq!(r.watermark().expect("watermark"), Some(5));
+        let (n, sum): (i64, i64) = r
+            .conn
+            .query_row("SELECT count(*), sum(n) FROM issue", [], |x| {
+                Ok((x.get(0)?, x.get(1)?))
+            })
+            .expect("count");
+        assert_eq!((n, sum), (1000, 999 * 1000 / 2));
+    }
+
+    #[test]
+    fn row_statements_follow_a_changed_spec() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut r = Replica::open(&dir.path().join("replica.db")).expect("open");
+        r.create_table(&issue_spec()).expect("create");
+        let row = vec![Value::Text("a".into()), Value::Int(1), Value::Bool(true)];
+        r.upsert("issue", &row).expect("upsert");
+        // The same table re-created with a fourth column: the cached SQL must not be reused.
+        let mut wider = issue_spec();
+        wider.columns.push(ColumnSpec {
+            name: "extra".into(),
+            kind: ColumnKind::String,
+            pg_type_oid: 25,
+        });
+        r.create_table(&wider).expect("re-create");
+        let mut row4 = row.clone();
+        row4.push(Value::Text("x".into()));
+        r.upsert("issue", &row4).expect("upsert 4 columns");
+        assert_eq!(
+            r.get("issue", &[Value::Text("a".into())]).expect("get"),
+            Some(row4)
+        );
+        r.delete("issue", &[Value::Text("a".into())])
+            .expect("delete");
+        assert_eq!(
+            r.get("issue", &[Value::Text("a".into())]).expect("get"),
+            None
+        );
     }
 }
