@@ -120,7 +120,7 @@ pub fn run(cfg: Config, upstream_url: String) -> Result<(), StartError> {
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
     let repl_cfg = cfg.clone();
     let repl = spawn_executor("zcache-repl", &cfg, cfg.repl_core, move || async move {
-        match replicator::prepare(&repl_cfg, &upstream).await {
+        match replicator::prepare_at_startup(&repl_cfg, &upstream).await {
             Ok(prepared) => {
                 let _ = ready_tx.send(Ok(()));
                 // Connecting waits for each syncer to connect its end, after the replica is ready.

@@ -133,6 +133,34 @@ where
     }
 }
 
+/// `prepare` for a process start, when no syncer has the replica open yet: a replica file
+/// without a committed initial sync (a start killed mid-copy, whose bulk load runs without a
+/// journal) or that SQLite cannot read is removed first, so the new sync starts from an empty,
+/// sound file.
+pub async fn prepare_at_startup(
+    cfg: &Config,
+    upstream: &ConnConfig,
+) -> Result<Prepared, ReplError> {
+    let usable = Replica::open(&cfg.replica_file).and_then(|r| r.watermark());
+    match usable {
+        Ok(Some(_)) => {}
+        Ok(None) => remove_replica_files(&cfg.replica_file),
+        Err(e) => {
+            tracing::warn!(error = %e, file = %cfg.replica_file.display(), "the replica cannot be read: starting a new one");
+            remove_replica_files(&cfg.replica_file);
+        }
+    }
+    prepare(cfg, upstream).await
+}
+
+fn remove_replica_files(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        let _ = std::fs::remove_file(std::path::PathBuf::from(p));
+    }
+}
+
 /// Checks and sets up upstream, then resumes the replica or makes it anew.
 ///
 /// A replica is resumed only if it has a watermark (its initial sync committed), the same
