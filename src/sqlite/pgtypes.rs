@@ -15,7 +15,13 @@ pub mod oid {
     pub const JSON: u32 = 114;
     pub const FLOAT4: u32 = 700;
     pub const FLOAT8: u32 = 701;
+    pub const TEXT: u32 = 25;
+    pub const BPCHAR: u32 = 1042;
+    pub const VARCHAR: u32 = 1043;
+    pub const UUID: u32 = 2950;
     pub const DATE: u32 = 1082;
+    pub const TIME: u32 = 1083;
+    pub const TIMETZ: u32 = 1266;
     pub const TIMESTAMP: u32 = 1114;
     pub const TIMESTAMPTZ: u32 = 1184;
     pub const NUMERIC: u32 = 1700;
@@ -28,6 +34,8 @@ pub mod oid {
     pub const FLOAT8_ARRAY: u32 = 1022;
     pub const OID_ARRAY: u32 = 1028;
     pub const NUMERIC_ARRAY: u32 = 1231;
+    /// Postgres' FirstNormalObjectId: types from here on are user-defined (enums, ...).
+    pub const FIRST_USER_OID: u32 = 16384;
 }
 
 /// What the elements of an array type become in its JSON form.
@@ -51,8 +59,11 @@ pub fn array_elems(array_type_oid: u32) -> ArrayElems {
     }
 }
 
-/// How a column of a Postgres type is kept: `None` for types zero-cache does not sync.
-/// `is_array` comes from `pg_type.typcategory = 'A'`.
+/// How a column of a Postgres type is kept: `None` for types zero-cache does not sync (it
+/// syncs exactly these, `zero-cache/src/types/pg-data-type.ts`: numbers, date/time types,
+/// text kinds and uuid, bool, json/jsonb, enums, and any array as JSON; not bytea, inet,
+/// interval, money, oid, ...). `is_array` comes from `pg_type.typcategory = 'A'`.
+/// User-defined types are taken as enums (text); the catalog is not asked per change.
 pub fn column_kind(type_oid: u32, is_array: bool) -> Option<ColumnKind> {
     use oid::*;
     if is_array {
@@ -60,13 +71,12 @@ pub fn column_kind(type_oid: u32, is_array: bool) -> Option<ColumnKind> {
     }
     Some(match type_oid {
         BOOL => ColumnKind::Boolean,
-        INT2 | INT4 | INT8 | OID | FLOAT4 | FLOAT8 | NUMERIC | DATE | TIMESTAMP | TIMESTAMPTZ => {
-            ColumnKind::Number
-        }
+        INT2 | INT4 | INT8 | FLOAT4 | FLOAT8 | NUMERIC | DATE | TIME | TIMETZ | TIMESTAMP
+        | TIMESTAMPTZ => ColumnKind::Number,
         JSON | JSONB => ColumnKind::Json,
-        BYTEA => return None,
-        // text, varchar, char, uuid, enums, inet, time, ...: their text form.
-        _ => ColumnKind::String,
+        TEXT | BPCHAR | VARCHAR | UUID => ColumnKind::String,
+        t if t >= FIRST_USER_OID => ColumnKind::String,
+        _ => return None,
     })
 }
 
@@ -110,6 +120,9 @@ pub fn decode_text(type_oid: u32, kind: ColumnKind, text: &str) -> Result<Value,
         (ColumnKind::Number, DATE) => {
             Value::Float(parse_timestamp_ms(text).ok_or_else(|| err("not a date"))?)
         }
+        (ColumnKind::Number, TIME | TIMETZ) => {
+            Value::Int(parse_time_ms(text).ok_or_else(|| err("not a time"))?)
+        }
         (ColumnKind::Number, TIMESTAMP | TIMESTAMPTZ) => {
             Value::Float(parse_timestamp_ms(text).ok_or_else(|| err("not a timestamp"))?)
         }
@@ -125,6 +138,39 @@ pub fn decode_text(type_oid: u32, kind: ColumnKind, text: &str) -> Result<Value,
         ),
         _ => Value::Text(text.to_string()),
     })
+}
+
+/// Milliseconds since midnight UTC of a `time`/`timetz` (`HH:MM:SS[.ffffff][+-HH[:MM]]`), as
+/// zero-cache reads them: sub-millisecond digits dropped, the zone offset applied, wrapped into
+/// one day (24:00:00 is the end of the day).
+pub fn parse_time_ms(text: &str) -> Option<i64> {
+    const DAY_MS: i64 = 86_400_000;
+    let zone_at = text.find(['+', '-']).unwrap_or(text.len());
+    let (time, zone) = text.split_at(zone_at);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut parts = hms.splitn(3, ':');
+    let (h, m, sec) = (
+        num(parts.next()?)?,
+        num(parts.next()?)?,
+        num(parts.next()?)?,
+    );
+    if h > 24 || m >= 60 || sec >= 60 || (h == 24 && (m, sec) != (0, 0)) || frac.len() > 6 {
+        return None;
+    }
+    let millis = if frac.is_empty() {
+        0
+    } else {
+        num(&format!("{frac:0<6}")[..3])?
+    };
+    let mut ms = h * 3_600_000 + m * 60_000 + sec * 1000 + millis;
+    if !zone.is_empty() {
+        let sign = if zone.starts_with('-') { -1 } else { 1 };
+        let mut z = zone[1..].splitn(2, ':');
+        let zh = num(z.next()?)?;
+        let zm = z.next().map(num).unwrap_or(Some(0))?;
+        ms -= sign * (zh * 3_600_000 + zm * 60_000);
+    }
+    Some(ms.rem_euclid(DAY_MS))
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's days_from_civil).
@@ -414,6 +460,34 @@ pub fn decode_text_sql<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn times_to_ms_since_midnight() {
+        assert_eq!(parse_time_ms("00:00:00"), Some(0));
+        assert_eq!(parse_time_ms("12:34:56.789123"), Some(45_296_789));
+        assert_eq!(parse_time_ms("01:00:00+02"), Some(82_800_000));
+        assert_eq!(parse_time_ms("23:30:00-01:30"), Some(3_600_000));
+        assert_eq!(parse_time_ms("24:00:00"), Some(0));
+        assert_eq!(parse_time_ms("25:00:00"), None);
+        assert_eq!(parse_time_ms("x"), None);
+    }
+
+    #[test]
+    fn only_zero_cache_types_are_synced() {
+        assert_eq!(column_kind(oid::TIME, false), Some(ColumnKind::Number));
+        assert_eq!(column_kind(oid::UUID, false), Some(ColumnKind::String));
+        assert_eq!(column_kind(16_500, false), Some(ColumnKind::String)); // an enum
+        assert_eq!(column_kind(17, true), Some(ColumnKind::Json)); // any array
+        for unsynced in [
+            oid::BYTEA,
+            oid::OID,
+            869,  /* inet */
+            1186, /* interval */
+            790,  /* money */
+        ] {
+            assert_eq!(column_kind(unsynced, false), None, "{unsynced}");
+        }
+    }
 
     #[test]
     fn timestamps_to_epoch_ms() {
