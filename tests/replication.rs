@@ -15,6 +15,7 @@ use zcache::embedded::pgcluster::PgCluster;
 use zcache::pgrepl::Lsn;
 use zcache::replicator::setup::SetupError;
 use zcache::replicator::{self, ReplError};
+use zcache::zql::value::Value;
 
 // ---------------------------------------------------------------------------------------------
 // 1. Initial sync of every type, then the same values through the stream
@@ -701,4 +702,48 @@ fn prepare_fails_unless_wal_level_is_logical() {
     });
     // Nothing was set up upstream.
     assert!(slot_names(&pg).is_empty());
+}
+
+/// Times as zero-cache sends them (ms since midnight UTC, sub-ms digits dropped), and the
+/// built-in types zero-cache does not sync left out of the replica.
+#[test]
+fn times_and_types_zero_cache_does_not_sync() {
+    let pg = cluster(&[]);
+    psql(
+        &pg,
+        "CREATE TABLE clock (id INT PRIMARY KEY, tm TIME, tz TIMETZ, ip INET, iv INTERVAL, o OID);
+         INSERT INTO clock VALUES
+           (1, '12:34:56.789123', '01:00:00+02', '10.0.0.1', '1 day', 7),
+           (2, '24:00:00', '23:30:00-01:30', NULL, NULL, NULL),
+           (3, NULL, NULL, NULL, NULL, NULL);",
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("replica.db");
+    let cfg = config(&pg, &path, "clock", &[]);
+    run(async {
+        let prepared = prepare(&cfg).await;
+        let spec = prepared.replica.spec("clock").expect("clock is synced");
+        let names: Vec<&str> = spec.columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            vec!["id", "tm", "tz"],
+            "inet, interval and oid are left out"
+        );
+    });
+    let reader = zcache::sqlite::ReplicaReader::open(&path).expect("reader");
+    reader.begin_snapshot().expect("snapshot");
+    let mut rows = reader.fetch_rows("clock", &[]).expect("rows");
+    rows.sort_by(|a, b| a[0].compare(&b[0]));
+    assert_eq!(
+        rows,
+        vec![
+            vec![
+                Value::Int(1),
+                Value::Int(45_296_789),
+                Value::Int(82_800_000)
+            ],
+            vec![Value::Int(2), Value::Int(0), Value::Int(3_600_000)],
+            vec![Value::Int(3), Value::Null, Value::Null],
+        ]
+    );
 }

@@ -85,7 +85,7 @@ pub fn sqlite_decl(type_oid: u32, kind: ColumnKind) -> &'static str {
     use oid::*;
     match (kind, type_oid) {
         (ColumnKind::Boolean, _) => "BOOLEAN",
-        (ColumnKind::Number, INT2 | INT4 | INT8 | OID) => "INTEGER",
+        (ColumnKind::Number, INT2 | INT4 | INT8 | OID | TIME | TIMETZ) => "INTEGER",
         (ColumnKind::Number, _) => "REAL",
         (ColumnKind::Json, _) => "JSON",
         _ => "TEXT",
