@@ -163,13 +163,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ReplicationStream<S> {
             let payload = frame.freeze().slice(FRAME_HEADER_BYTES..);
             return parse_copy_payload(payload).map(Some);
         }
+        let tag = frame.first().copied().unwrap_or(0);
         match self.conn.decode_frame(frame)? {
             None => Ok(None),
             Some(Backend::Msg(Message::ErrorResponse(body))) => Err(server_error(&body)),
-            Some(Backend::Msg(Message::CopyDone)) => Err(PgError::Closed),
-            Some(_) => Err(PgError::protocol(
-                "unexpected message in the replication stream",
-            )),
+            // The server ending the stream (a shutdown ends it with CopyDone, then
+            // CommandComplete and ReadyForQuery): the connection is over, not broken.
+            Some(Backend::Msg(
+                Message::CopyDone | Message::CommandComplete(_) | Message::ReadyForQuery(_),
+            )) => Err(PgError::Closed),
+            Some(_) => Err(PgError::protocol(format!(
+                "unexpected message {:?} in the replication stream",
+                tag as char
+            ))),
         }
     }
 
