@@ -235,47 +235,61 @@ pub async fn stream_forever(
             // It was working: a new failure starts a new series of retries.
             backoff_ms = RECONNECT_BACKOFF_MS_MIN;
         }
-        if let ReplError::ResetRequired(why) = &e {
-            if !prepared.config.auto_reset {
-                tracing::error!(%why, "replication stopped: the replica cannot follow upstream \
-                    in place and ZERO_AUTO_RESET is off; restart with it on, or delete the replica");
-                return;
+        let recovered = match recovery(&upstream, &prepared, &e, backoff_ms).await {
+            Recovery::Stop => return,
+            Recovery::Reconnect => None,
+            Recovery::Reset => Some(reset(&upstream, &prepared, &syncers).await),
+            Recovery::Rebuild => Some(rebuild(&upstream, &prepared, &syncers).await),
+        };
+        match recovered {
+            Some(Ok(p)) => {
+                prepared = p;
+                backoff_ms = RECONNECT_BACKOFF_MS_MIN;
+                continue;
             }
-            tracing::warn!(%why, "rebuilding the replica with a new initial sync");
-            match reset(&upstream, &prepared, &syncers).await {
-                Ok(p) => {
-                    prepared = p;
-                    backoff_ms = RECONNECT_BACKOFF_MS_MIN;
-                    continue;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, retry_ms = backoff_ms, "rebuilding the replica failed")
-                }
+            Some(Err(e)) => {
+                tracing::error!(error = %e, retry_ms = backoff_ms, "rebuilding the replica failed")
             }
-            glommio::timer::sleep(Duration::from_millis(backoff_ms)).await;
-            backoff_ms = (backoff_ms * 2).min(RECONNECT_BACKOFF_MS_MAX);
-            continue;
-        }
-        tracing::error!(error = %e, retry_ms = backoff_ms, "replication stream failed; reconnecting");
-        match slot_state(&upstream, &prepared.slot).await {
-            Ok(SlotState::Usable) => {}
-            Ok(state) => {
-                tracing::warn!(slot = %prepared.slot, ?state, "the replica's slot is gone upstream: rebuilding the replica");
-                match rebuild(&upstream, &prepared, &syncers).await {
-                    Ok(p) => {
-                        prepared = p;
-                        backoff_ms = RECONNECT_BACKOFF_MS_MIN;
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, retry_ms = backoff_ms, "rebuilding the replica failed")
-                    }
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "cannot check the replication slot"),
+            None => {}
         }
         glommio::timer::sleep(Duration::from_millis(backoff_ms)).await;
         backoff_ms = (backoff_ms * 2).min(RECONNECT_BACKOFF_MS_MAX);
+    }
+}
+
+/// What a failed stream calls for.
+enum Recovery {
+    /// Reconnect and resume from the watermark.
+    Reconnect,
+    /// Upstream changed in a way the replica cannot follow in place: drop the slot, sync anew.
+    Reset,
+    /// The slot is gone or invalidated upstream: sync anew.
+    Rebuild,
+    /// A reset is needed but ZERO_AUTO_RESET is off.
+    Stop,
+}
+
+async fn recovery(upstream: &ConnConfig, p: &Prepared, e: &ReplError, backoff_ms: u64) -> Recovery {
+    if let ReplError::ResetRequired(why) = e {
+        if !p.config.auto_reset {
+            tracing::error!(%why, "replication stopped: the replica cannot follow upstream \
+                in place and ZERO_AUTO_RESET is off; restart with it on, or delete the replica");
+            return Recovery::Stop;
+        }
+        tracing::warn!(%why, "rebuilding the replica with a new initial sync");
+        return Recovery::Reset;
+    }
+    tracing::error!(error = %e, retry_ms = backoff_ms, "replication stream failed; reconnecting");
+    match slot_state(upstream, &p.slot).await {
+        Ok(SlotState::Usable) => Recovery::Reconnect,
+        Ok(state) => {
+            tracing::warn!(slot = %p.slot, ?state, "the replica's slot is gone upstream: rebuilding the replica");
+            Recovery::Rebuild
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot check the replication slot");
+            Recovery::Reconnect
+        }
     }
 }
 
