@@ -1,0 +1,215 @@
+use super::*;
+
+pub fn issue_spec() -> TableSpec {
+    let col = |name: &str, kind, oid| ColumnSpec {
+        name: name.into(),
+        kind,
+        pg_type_oid: oid,
+    };
+    TableSpec {
+        name: "issue".into(),
+        columns: vec![
+            col("id", ColumnKind::String, 25),
+            col("n", ColumnKind::Number, 20),
+            col("done", ColumnKind::Boolean, 16),
+        ],
+        primary_key: vec![0],
+    }
+}
+
+#[test]
+fn reset_empties_the_replica_in_the_same_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("replica.db");
+    let mut r = Replica::open(&path).expect("open");
+    r.create_table(&issue_spec()).expect("create");
+    r.begin().expect("begin");
+    r.upsert(
+        "issue",
+        &vec![Value::Text("a".into()), Value::Int(1), Value::Bool(true)],
+    )
+    .expect("upsert");
+    r.set_meta("slot", "s1").expect("meta");
+    r.commit(5).expect("commit");
+    let reader = crate::sqlite::ReplicaReader::open(&path).expect("reader");
+    assert_eq!(reader.begin_snapshot().expect("snapshot"), 5);
+    reader.end_snapshot().expect("end");
+
+    r.reset().expect("reset");
+    assert_eq!(r.watermark().expect("watermark"), None);
+    assert_eq!(r.meta("slot").expect("meta"), None);
+    assert!(r.tables().is_empty());
+    // The reader opened before the reset sees it: same file.
+    assert!(
+        reader.begin_snapshot().is_err(),
+        "no watermark after a reset"
+    );
+    reader.end_snapshot().expect("end");
+    let n: i64 = r
+        .conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'issue'",
+            [],
+            |x| x.get(0),
+        )
+        .expect("count");
+    assert_eq!(n, 0);
+    // And the replica fills again.
+    r.create_table(&issue_spec()).expect("create again");
+    r.begin().expect("begin");
+    r.commit(9).expect("commit");
+    assert_eq!(reader.begin_snapshot().expect("snapshot"), 9);
+    reader.end_snapshot().expect("end");
+}
+
+#[test]
+fn commits_keep_the_wal_under_its_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("replica.db");
+    let mut r = Replica::open(&path).expect("open");
+    r.create_table(&issue_spec()).expect("create");
+    // One transaction larger than the limit, then a small one: the commit of the large
+    // one truncates the WAL.
+    r.begin().expect("begin");
+    let text = "x".repeat(4000);
+    for i in 0..(REPLICA_WAL_BYTES_MAX / 4000 + 100) {
+        r.upsert(
+            "issue",
+            &vec![
+                Value::Text(format!("{i}{text}")),
+                Value::Int(1),
+                Value::Null,
+            ],
+        )
+        .expect("upsert");
+    }
+    r.commit(1).expect("commit");
+    assert!(
+        r.wal_bytes() <= REPLICA_WAL_BYTES_MAX,
+        "WAL of {} bytes after a commit",
+        r.wal_bytes()
+    );
+}
+
+#[test]
+fn writes_commit_with_watermark_and_survive_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("replica.db");
+    {
+        let mut r = Replica::open(&path).expect("open");
+        r.create_table(&issue_spec()).expect("create");
+        r.begin().expect("begin");
+        r.upsert(
+            "issue",
+            &vec![Value::Text("a".into()), Value::Int(1), Value::Bool(true)],
+        )
+        .expect("upsert");
+        r.upsert(
+            "issue",
+            &vec![Value::Text("b".into()), Value::Int(2), Value::Bool(false)],
+        )
+        .expect("upsert");
+        r.delete("issue", &[Value::Text("a".into())])
+            .expect("delete");
+        r.commit(77).expect("commit");
+        // an uncommitted transaction is lost, watermark included
+        r.begin().expect("begin");
+        r.truncate("issue").expect("truncate");
+        r.rollback().expect("rollback");
+    }
+    let r = Replica::open(&path).expect("reopen");
+    assert_eq!(r.watermark().expect("watermark"), Some(77));
+    assert_eq!(r.spec("issue").expect("spec"), &issue_spec());
+    let n: i64 = r
+        .conn
+        .query_row("SELECT count(*) FROM issue WHERE id = 'b'", [], |x| {
+            x.get(0)
+        })
+        .expect("count");
+    assert_eq!(n, 1);
+    assert!(matches!(
+        r.upsert("nope", &vec![]),
+        Err(ReplicaError::UnknownTable(_))
+    ));
+}
+
+#[test]
+fn bulk_load_writes_rows_then_returns_to_durable_wal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("replica.db");
+    let mut r = Replica::open(&path).expect("open");
+    r.begin_bulk_load().expect("bulk");
+    let mode: String = r
+        .conn
+        .query_row("PRAGMA journal_mode", [], |x| x.get(0))
+        .expect("mode");
+    assert_eq!(mode, "off");
+    r.create_table(&issue_spec()).expect("create");
+    {
+        let mut w = r.row_writer("issue").expect("writer");
+        assert_eq!(w.columns(), 3);
+        for i in 0..1000i64 {
+            let id = format!("i{i}");
+            w.bind(0, ToSqlOutput::Borrowed(ValueRef::Text(id.as_bytes())))
+                .expect("bind");
+            w.bind(1, ToSqlOutput::Borrowed(ValueRef::Integer(i)))
+                .expect("bind");
+            w.bind(2, ToSqlOutput::Borrowed(ValueRef::Null))
+                .expect("bind");
+            w.insert().expect("insert");
+        }
+    }
+    r.end_bulk_load().expect("end bulk");
+    let mode: String = r
+        .conn
+        .query_row("PRAGMA journal_mode", [], |x| x.get(0))
+        .expect("mode");
+    assert_eq!(mode, "wal");
+    let sync: i64 = r
+        .conn
+        .query_row("PRAGMA synchronous", [], |x| x.get(0))
+        .expect("sync");
+    assert_eq!(sync, 2, "FULL again after the copy");
+    r.begin().expect("begin");
+    r.commit(5).expect("commit");
+    drop(r);
+    let r = Replica::open(&path).expect("reopen");
+    assert_eq!(r.watermark().expect("watermark"), Some(5));
+    let (n, sum): (i64, i64) = r
+        .conn
+        .query_row("SELECT count(*), sum(n) FROM issue", [], |x| {
+            Ok((x.get(0)?, x.get(1)?))
+        })
+        .expect("count");
+    assert_eq!((n, sum), (1000, 999 * 1000 / 2));
+}
+
+#[test]
+fn row_statements_follow_a_changed_spec() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut r = Replica::open(&dir.path().join("replica.db")).expect("open");
+    r.create_table(&issue_spec()).expect("create");
+    let row = vec![Value::Text("a".into()), Value::Int(1), Value::Bool(true)];
+    r.upsert("issue", &row).expect("upsert");
+    // The same table re-created with a fourth column: the cached SQL must not be reused.
+    let mut wider = issue_spec();
+    wider.columns.push(ColumnSpec {
+        name: "extra".into(),
+        kind: ColumnKind::String,
+        pg_type_oid: 25,
+    });
+    r.create_table(&wider).expect("re-create");
+    let mut row4 = row.clone();
+    row4.push(Value::Text("x".into()));
+    r.upsert("issue", &row4).expect("upsert 4 columns");
+    assert_eq!(
+        r.get("issue", &[Value::Text("a".into())]).expect("get"),
+        Some(row4)
+    );
+    r.delete("issue", &[Value::Text("a".into())])
+        .expect("delete");
+    assert_eq!(
+        r.get("issue", &[Value::Text("a".into())]).expect("get"),
+        None
+    );
+}
