@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use support::{assert_replica_equals_upstream, lsn, psql, Canon, Table, DB};
+use support::{assert_replica_equals_upstream, free_port, lsn, psql, Canon, Table, DB};
 use zcache::embedded::pgcluster::{PgCluster, PgClusterOptions};
 use zcache::pgrepl::{connect, ConnConfig, Lsn};
 use zcache::sqlite::ReplicaReader;
@@ -233,13 +233,6 @@ impl Drop for Load {
 struct Zcache {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// The log line without terminal colour sequences (`ESC [ ... m`).

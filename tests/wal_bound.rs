@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use support::{assert_replica_equals_upstream, lsn, psql, Canon, Table, DB};
+use support::{assert_replica_equals_upstream, free_port, lsn, psql, Canon, Table, DB};
 use zcache::pgrepl::Lsn;
 use zcache::sqlite::replica::{REPLICA_WAL_AUTOCHECKPOINT_PAGES, REPLICA_WAL_BYTES_MAX};
 use zcache::sqlite::ReplicaReader;
@@ -36,13 +36,6 @@ const SCAN_EVERY: u64 = 25;
 const WAL_BOUND_BYTES: u64 = REPLICA_WAL_BYTES_MAX + (1 << 20);
 /// Longest the test waits for zcache to start or to catch up.
 const WAIT_MS: u64 = 180_000;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 fn wal_path(replica: &Path) -> PathBuf {
     let mut p = replica.as_os_str().to_owned();

@@ -453,3 +453,11 @@ pub fn diff_rows(t: &Table, replica: &Rows, upstream: &Rows) -> Option<String> {
     }
     (!lines.is_empty()).then(|| lines.join("\n"))
 }
+
+/// A TCP port nothing listens on right now (for a zcache under test).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
