@@ -80,11 +80,12 @@ where
     phase("tables described, connections open");
     replica.begin_bulk_load()?;
     for t in &tables {
-        replica.create_table(&t.spec)?;
+        replica.create_table_unkeyed(&t.spec)?;
     }
     let rows_total = copy_tables(snapshot_conn, &mut extra, replica, &tables).await?;
     phase("rows copied");
     for t in &tables {
+        replica.create_key_index(&t.spec.name)?;
         for cols in &t.indexes {
             replica.create_index(&t.spec.name, cols)?;
         }

@@ -33,6 +33,8 @@ const STATEMENT_CACHE_CAPACITY: usize = 256;
 /// table size. Measured on 1M rows: 64 MiB beat 16 MiB (more page reloads) and 256 MiB
 /// (first-touch page faults cost more than the pages saved).
 const BULK_CACHE_KIB: i64 = 64 * 1024;
+/// Helper threads SQLite may use to sort while building the replica's indexes.
+const BULK_SORT_THREADS: i64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -171,6 +173,9 @@ impl Replica {
         self.conn.pragma_update(None, "synchronous", "off")?;
         self.conn
             .pragma_update(None, "cache_size", -BULK_CACHE_KIB)?;
+        // Index builds sort with helper threads: Postgres is done by then, its core is free.
+        self.conn
+            .pragma_update(None, "threads", BULK_SORT_THREADS)?;
         // Leaving WAL needs the only connection to the file; if a reader holds it, the copy
         // still goes through WAL, which is slower but just as correct.
         let mode: String = self
@@ -192,6 +197,7 @@ impl Replica {
         self.conn.execute_batch("COMMIT")?;
         self.bulk = false;
         self.conn.pragma_update(None, "cache_size", -2000)?;
+        self.conn.pragma_update(None, "threads", 0)?;
         // A checkpointed, fsynced main file before any watermark can refer to its content.
         self.conn.pragma_update(None, "synchronous", "full")?;
         let mode: String = self
@@ -383,13 +389,32 @@ impl Replica {
     }
 
     /// Creates (or re-creates) a table and records its spec.
+    /// Creates (or re-creates, empty) a table with its key index.
     pub fn create_table(&mut self, spec: &TableSpec) -> Result<(), ReplicaError> {
+        self.create_table_unkeyed(spec)?;
+        self.create_key_index(&spec.name)
+    }
+
+    /// Creates (or re-creates, empty) a table without its key index, for the initial copy:
+    /// appending rows to a table with no index and then building the index in one sorted pass
+    /// is much cheaper than inserting every row into a B-tree keyed by (often random) text.
+    /// Until `create_key_index` runs, nothing enforces or finds rows by the key.
+    pub fn create_table_unkeyed(&mut self, spec: &TableSpec) -> Result<(), ReplicaError> {
         let name = quote_ident(&spec.name);
         self.conn.execute_batch(&format!(
             "DROP TABLE IF EXISTS {name}; {};",
             create_table_sql(spec, &spec.name)
         ))?;
         self.save_spec(spec.clone())
+    }
+
+    /// The unique index on the table's primary key (upstream's key). The replica's tables
+    /// declare no PRIMARY KEY, since SQLite cannot add one to a filled table; this index
+    /// gives the same uniqueness, `INSERT OR REPLACE` conflict target and lookups.
+    pub fn create_key_index(&self, table: &str) -> Result<(), ReplicaError> {
+        let spec = self.spec(table)?;
+        self.conn.execute_batch(&key_index_sql(spec, table))?;
+        Ok(())
     }
 
     /// Records a table's spec in `_zcache_tables` (where syncers' `reload_specs` reads it)
@@ -493,15 +518,27 @@ fn create_table_sql(spec: &TableSpec, name: &str) -> String {
             )
         })
         .collect();
+    format!("CREATE TABLE {} ({})", quote_ident(name), cols.join(", "))
+}
+
+/// The key index's name: one per table name, so renaming a table renames its key index too.
+pub(super) fn key_index_name(table: &str) -> String {
+    format!("{KEY_INDEX_PREFIX}{table}")
+}
+
+/// Names of key indexes start with this; `take_indexes` and `drop_column` leave them alone.
+pub(super) const KEY_INDEX_PREFIX: &str = "_zcache_key_";
+
+fn key_index_sql(spec: &TableSpec, table: &str) -> String {
     let pk: Vec<String> = spec
         .primary_key
         .iter()
         .map(|&i| quote_ident(&spec.columns[i].name))
         .collect();
     format!(
-        "CREATE TABLE {} ({}, PRIMARY KEY ({}))",
-        quote_ident(name),
-        cols.join(", "),
+        "CREATE UNIQUE INDEX {} ON {} ({})",
+        quote_ident(&key_index_name(table)),
+        quote_ident(table),
         pk.join(", ")
     )
 }

@@ -95,7 +95,14 @@ impl Replica {
         self.forget_spec(from)?;
         spec.name = to.to_string();
         self.schema_changed();
-        self.save_spec(spec)
+        self.save_spec(spec)?;
+        // SQLite cannot rename an index; the key index is named after its table, so that a
+        // new table under the old name can have its own.
+        self.conn.execute_batch(&format!(
+            "DROP INDEX IF EXISTS {}",
+            quote_ident(&key_index_name(from))
+        ))?;
+        self.create_key_index(to)
     }
 
     pub fn drop_table(&mut self, table: &str) -> Result<(), ReplicaError> {
@@ -125,19 +132,20 @@ impl Replica {
         ))?;
         self.schema_changed();
         self.save_spec(spec)?;
+        self.create_key_index(table)?;
         for columns in indexes {
             self.create_index(table, &columns)?;
         }
         Ok(())
     }
 
-    /// Drops the table's secondary indexes and returns their column lists.
+    /// Drops the table's secondary indexes (not its key index) and returns their column lists.
     fn take_indexes(&self, table: &str) -> Result<Vec<Vec<String>>, ReplicaError> {
         let names: Vec<String> = {
-            let mut stmt = self
-                .conn
-                .prepare("SELECT name FROM pragma_index_list(?1) WHERE origin = 'c'")?;
-            let rows = stmt.query_map([table], |r| r.get(0))?;
+            let mut stmt = self.conn.prepare(
+                "SELECT name FROM pragma_index_list(?1) WHERE origin = 'c' AND name != ?2",
+            )?;
+            let rows = stmt.query_map(params![table, key_index_name(table)], |r| r.get(0))?;
             rows.collect::<Result<_, _>>()?
         };
         let mut out = Vec::with_capacity(names.len());

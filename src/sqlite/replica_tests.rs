@@ -213,3 +213,64 @@ fn row_statements_follow_a_changed_spec() {
         None
     );
 }
+
+fn row(id: &str, n: i64) -> Vec<Value> {
+    vec![Value::Text(id.into()), Value::Int(n), Value::Bool(false)]
+}
+
+fn count(r: &Replica, table: &str) -> i64 {
+    r.conn
+        .query_row(
+            &format!("SELECT count(*) FROM {}", quote_ident(table)),
+            [],
+            |x| x.get(0),
+        )
+        .expect("count")
+}
+
+/// The key index replaces the PRIMARY KEY clause: upserts replace by key whether the index
+/// was made with the table or after a bulk copy, and it follows renames and re-keying.
+#[test]
+fn the_key_index_keeps_rows_unique_by_key_through_schema_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut r = Replica::open(&dir.path().join("replica.db")).expect("open");
+    r.begin_bulk_load().expect("bulk");
+    r.create_table_unkeyed(&issue_spec()).expect("create");
+    let mut w = r.row_writer("issue").expect("writer");
+    for (i, id) in ["a", "b", "c"].iter().enumerate() {
+        for (c, v) in row(id, i as i64).iter().enumerate() {
+            w.bind(c, to_sql_ref(v)).expect("bind");
+        }
+        w.insert().expect("insert");
+    }
+    drop(w);
+    r.create_key_index("issue").expect("key index");
+    r.end_bulk_load().expect("end bulk");
+
+    r.begin().expect("begin");
+    r.upsert("issue", &row("a", 10)).expect("upsert");
+    r.commit(1).expect("commit");
+    assert_eq!(count(&r, "issue"), 3, "an upsert of a key replaces its row");
+
+    r.begin().expect("begin");
+    r.rename_table("issue", "ticket").expect("rename");
+    r.create_table(&issue_spec())
+        .expect("a new table under the old name");
+    r.upsert("ticket", &row("a", 11)).expect("upsert");
+    r.upsert("issue", &row("a", 1)).expect("upsert");
+    r.upsert("issue", &row("a", 2)).expect("upsert");
+    r.commit(2).expect("commit");
+    assert_eq!(count(&r, "ticket"), 3);
+    assert_eq!(count(&r, "issue"), 1);
+
+    r.begin().expect("begin");
+    r.set_primary_key("ticket", &[1]).expect("re-key by n");
+    r.upsert("ticket", &row("z", 11)).expect("upsert");
+    r.commit(3).expect("commit");
+    let ids: Vec<String> = r
+        .conn
+        .prepare("SELECT id FROM ticket ORDER BY id")
+        .and_then(|mut s| s.query_map([], |x| x.get(0))?.collect())
+        .expect("ids");
+    assert_eq!(ids, ["b", "c", "z"], "n = 11 now names z's row");
+}
