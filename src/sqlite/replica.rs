@@ -24,6 +24,10 @@ pub const REPLICA_WAL_BYTES_MAX: u64 = 8 << 20;
 /// How long a forced checkpoint waits for readers to move to the newest snapshot. Short:
 /// the replication shard blocks meanwhile, and the next commit tries again.
 pub const REPLICA_CHECKPOINT_WAIT_MS_MAX: u64 = 100;
+/// After a forced checkpoint a reader blocked, the next one waits until the WAL has grown by
+/// this much more: a reader holding one snapshot for seconds must not make every commit wait
+/// `REPLICA_CHECKPOINT_WAIT_MS_MAX` (that would throttle replication to ~10 commits/s).
+pub const REPLICA_CHECKPOINT_RETRY_BYTES: u64 = 1 << 20;
 /// How long a statement waits for a lock held by another connection on the replica.
 pub const REPLICA_BUSY_TIMEOUT_MS: u64 = 5_000;
 
@@ -56,6 +60,8 @@ pub struct Replica {
     row_sql: RefCell<HashMap<String, RowSql>>,
     /// Set between `begin_bulk_load` and `end_bulk_load`.
     bulk: bool,
+    /// The WAL size below which no forced checkpoint is tried (raised after one is blocked).
+    checkpoint_at_bytes: std::cell::Cell<u64>,
 }
 
 /// The SQL of one table's row statements.
@@ -157,6 +163,7 @@ impl Replica {
             wal_path: PathBuf::from(wal_path),
             row_sql: RefCell::new(HashMap::new()),
             bulk: false,
+            checkpoint_at_bytes: std::cell::Cell::new(REPLICA_WAL_BYTES_MAX),
         })
     }
 
@@ -347,9 +354,21 @@ impl Replica {
     /// Forces a checkpoint when the WAL outgrew `REPLICA_WAL_BYTES_MAX`. A failure here does
     /// not undo the commit just made: it is logged and the next commit tries again.
     pub fn bound_wal(&self) {
-        if self.wal_bytes() > REPLICA_WAL_BYTES_MAX {
-            self.checkpoint_truncate();
+        let bytes = self.wal_bytes();
+        if bytes <= REPLICA_WAL_BYTES_MAX {
+            // Back under the bound (SQLite's own checkpoints restart the WAL when they can).
+            self.checkpoint_at_bytes.set(REPLICA_WAL_BYTES_MAX);
+            return;
         }
+        if bytes <= self.checkpoint_at_bytes.get() {
+            return;
+        }
+        let next = if self.checkpoint_truncate() {
+            REPLICA_WAL_BYTES_MAX
+        } else {
+            bytes + REPLICA_CHECKPOINT_RETRY_BYTES
+        };
+        self.checkpoint_at_bytes.set(next);
     }
 
     /// `wal_checkpoint(TRUNCATE)`: copies the whole WAL into the database file and truncates
@@ -357,7 +376,8 @@ impl Replica {
     /// It goes through even when some reader holds a snapshot at every instant (shown in
     /// tests/wal_bound.rs): once the WAL is wholly copied, snapshots that begin read the
     /// database file alone, so it waits only for those already open, which are short.
-    fn checkpoint_truncate(&self) {
+    /// Returns whether it went through.
+    fn checkpoint_truncate(&self) -> bool {
         let wait = Duration::from_millis(REPLICA_CHECKPOINT_WAIT_MS_MAX);
         let result = self.conn.busy_timeout(wait).and_then(|()| {
             self.conn
@@ -369,12 +389,18 @@ impl Replica {
             .conn
             .busy_timeout(Duration::from_millis(REPLICA_BUSY_TIMEOUT_MS));
         match result {
-            Ok(0) => {}
-            Ok(_) => tracing::debug!(
-                wal_bytes = self.wal_bytes(),
-                "replica checkpoint blocked by a reader; retrying after the next commit"
-            ),
-            Err(e) => tracing::warn!(error = %e, "replica checkpoint failed"),
+            Ok(0) => true,
+            Ok(_) => {
+                tracing::debug!(
+                    wal_bytes = self.wal_bytes(),
+                    "replica checkpoint blocked by a reader; retrying once the WAL grows more"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "replica checkpoint failed");
+                false
+            }
         }
     }
 

@@ -274,3 +274,54 @@ fn the_key_index_keeps_rows_unique_by_key_through_schema_changes() {
         .expect("ids");
     assert_eq!(ids, ["b", "c", "z"], "n = 11 now names z's row");
 }
+
+/// A reader holding one snapshot for long blocks the forced checkpoint; the writer then
+/// retries only after the WAL grew `REPLICA_CHECKPOINT_RETRY_BYTES` more, not at every
+/// commit, and is back to the normal bound once the reader is gone.
+#[test]
+fn a_blocked_checkpoint_is_retried_after_more_growth_not_at_every_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("replica.db");
+    let mut r = Replica::open(&path).expect("open");
+    r.create_table(&issue_spec()).expect("create");
+    r.begin().expect("begin");
+    r.commit(1).expect("commit");
+    let reader = crate::sqlite::ReplicaReader::open(&path).expect("reader");
+    reader.begin_snapshot().expect("snapshot");
+    let big = "x".repeat(64 << 10);
+    let mut version = 1;
+    let mut commit_big = |r: &mut Replica| {
+        version += 1;
+        r.begin().expect("begin");
+        let row = vec![
+            Value::Text(format!("{version}:{big}")),
+            Value::Int(0),
+            Value::Bool(true),
+        ];
+        r.upsert("issue", &row).expect("upsert");
+        r.commit(version).expect("commit");
+    };
+    while r.wal_bytes() <= REPLICA_WAL_BYTES_MAX {
+        commit_big(&mut r);
+    }
+    let blocked_at = r.checkpoint_at_bytes.get();
+    assert!(
+        blocked_at > REPLICA_WAL_BYTES_MAX,
+        "the reader blocked the checkpoint: the next try waits for more growth"
+    );
+    assert!(r.wal_bytes() > REPLICA_WAL_BYTES_MAX);
+    reader.end_snapshot().expect("end");
+    // With the reader gone, checkpoints go through again and the WAL returns under the bound.
+    for _ in 0..10_000 {
+        commit_big(&mut r);
+        if r.wal_bytes() <= REPLICA_WAL_BYTES_MAX {
+            break;
+        }
+    }
+    assert!(
+        r.wal_bytes() <= REPLICA_WAL_BYTES_MAX,
+        "with the reader gone the WAL is bounded again ({} bytes)",
+        r.wal_bytes()
+    );
+    assert_eq!(r.checkpoint_at_bytes.get(), REPLICA_WAL_BYTES_MAX);
+}
