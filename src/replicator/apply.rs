@@ -120,8 +120,26 @@ impl Applier {
             self.relations.remove(&rel.oid);
             return Ok(());
         }
-        // Schema-change messages keep the spec in step; this catches what came without one.
+        // Schema-change messages keep the spec in step; this catches what came without one
+        // (no event triggers: the role is not a superuser). Dropped columns and a changed key
+        // are followed in place; a new column is not: what the rows already there hold in it
+        // (a default, a renamed column's values, a rewrite) is not in the stream. The
+        // transaction that reconcile changed is rolled back before the reset.
+        let before = replica.spec(&table)?.clone();
         if ddl::reconcile_relation(replica, &table, &rel)? {
+            if let Some(added) = replica
+                .spec(&table)?
+                .columns
+                .iter()
+                .find(|c| before.column_index(&c.name).is_none())
+            {
+                return Err(ReplError::ResetRequired(format!(
+                    "column {table}.{} appeared upstream without a schema-change message (no \
+                     event triggers: is zcache's role a superuser?); what the rows already \
+                     there hold in it is not in the replication stream",
+                    added.name
+                )));
+            }
             self.touched.insert(table.clone());
         }
         let columns = rel.columns.into_iter().map(|c| c.name).collect();

@@ -37,9 +37,27 @@ pub fn publications(cfg: &Config) -> Vec<String> {
 pub enum SetupError {
     #[error("upstream Postgres has wal_level={0}: set wal_level = logical in postgresql.conf and restart Postgres")]
     WalLevel(String),
+    /// On PostgreSQL 15 only a superuser may create a publication `FOR TABLES IN SCHEMA`.
+    #[error(
+        "cannot create the publication {pub_ident} of schema public: {source}. \
+         Creating a publication FOR TABLES IN SCHEMA needs a superuser. Either create a \
+         publication of the tables to sync as their owner (CREATE PUBLICATION zero_data FOR \
+         TABLE ...) and name it in ZERO_APP_PUBLICATIONS, or have a superuser run once: \
+         CREATE PUBLICATION {pub_ident} FOR TABLES IN SCHEMA public WITH \
+         (publish_via_partition_root = true)",
+        pub_ident = quote_ident(.publication)
+    )]
+    PublicationPrivilege {
+        publication: String,
+        #[source]
+        source: PgError,
+    },
     #[error("upstream set-up failed: {0}")]
     Pg(#[from] PgError),
 }
+
+/// SQLSTATE insufficient_privilege.
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
 
 /// Checks what zcache needs of the upstream server.
 pub async fn check_upstream<S: AsyncRead + AsyncWrite + Unpin>(
@@ -100,11 +118,25 @@ INSERT INTO {shard}."shardConfig" (publications, "ddlDetection") VALUES ({pubs_l
         .collect::<Vec<String>>();
     let public = public_publication(cfg);
     if cfg.app_publications.is_empty() && !existing.contains(&public) {
-        conn.execute(&format!(
-            "CREATE PUBLICATION {} FOR TABLES IN SCHEMA public WITH (publish_via_partition_root = true)",
-            quote_ident(&public)
-        ))
-        .await?;
+        let created = conn
+            .execute(&format!(
+                "CREATE PUBLICATION {} FOR TABLES IN SCHEMA public WITH (publish_via_partition_root = true)",
+                quote_ident(&public)
+            ))
+            .await;
+        match created {
+            Ok(_) => {}
+            // What a managed Postgres's non-superuser role gets: say how to go on.
+            Err(source @ PgError::Server { .. })
+                if source.code() == Some(INSUFFICIENT_PRIVILEGE) =>
+            {
+                return Err(SetupError::PublicationPrivilege {
+                    publication: public,
+                    source,
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     let metadata = metadata_publication(cfg);
     if !existing.contains(&metadata) {

@@ -461,3 +461,77 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+// ---------------------------------------------------------------------------------------------
+// The same helpers for a database other than `DB` (tests/nonsuper.rs: a database its role owns)
+
+pub fn psql_in(pg: &PgCluster, db: &str, sql: &str) -> String {
+    pg.psql(db, sql)
+        .unwrap_or_else(|e| panic!("psql failed: {e}\n--- script:\n{sql}"))
+}
+
+/// `commit` in database `db`.
+pub fn commit_in(pg: &PgCluster, db: &str, body: &str) -> CommitLsn {
+    let out = psql_in(
+        pg,
+        db,
+        &format!(
+            "BEGIN;\n{body}\nSELECT pg_current_wal_insert_lsn();\nCOMMIT;\nSELECT pg_current_wal_lsn();\n"
+        ),
+    );
+    let lines: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(lines.len() >= 2, "unexpected psql output {out:?}");
+    let at = CommitLsn {
+        before: lsn(lines[lines.len() - 2]),
+        after: lsn(lines[lines.len() - 1]),
+    };
+    assert!(at.before < at.after, "the commit wrote no WAL: {at:?}");
+    at
+}
+
+/// `upstream_rows` in database `db`.
+pub fn upstream_rows_in(pg: &PgCluster, db: &str, t: &Table) -> Rows {
+    let exprs: Vec<String> = t
+        .columns
+        .iter()
+        .map(|(c, k)| k.sql(&quote_ident(c)))
+        .collect();
+    let out = psql_in(
+        pg,
+        db,
+        &format!(
+            "SELECT coalesce(json_agg(json_build_array({})), '[]') FROM {}",
+            exprs.join(", "),
+            t.upstream
+        ),
+    );
+    let rows: Vec<Vec<serde_json::Value>> = serde_json::from_str(out.trim()).expect("rows");
+    keyed(
+        t,
+        rows.into_iter().map(|r| {
+            assert_eq!(r.len(), t.columns.len());
+            t.columns
+                .iter()
+                .zip(&r)
+                .map(|((_, k), v)| expected_cell(*k, v))
+                .collect()
+        }),
+    )
+}
+
+/// `assert_replica_equals_upstream` for upstream database `db`.
+pub fn assert_replica_equals_upstream_in(
+    pg: &PgCluster,
+    db: &str,
+    path: &Path,
+    tables: &[Table],
+) -> u64 {
+    let (watermark, replica) = replica_snapshot(path, tables);
+    for (t, got) in tables.iter().zip(replica) {
+        let want = upstream_rows_in(pg, db, t);
+        if let Some(diff) = diff_rows(t, &got, &want) {
+            panic!("the replica's {} differs from upstream:\n{diff}", t.replica);
+        }
+    }
+    watermark
+}
