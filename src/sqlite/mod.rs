@@ -1,6 +1,7 @@
 //! replica.db: the SQLite copy of the published upstream tables, named as upstream, plus the
 //! watermark (the LSN it reflects) and the table specs, all in one file.
 
+pub mod pgbinary;
 pub mod pgtypes;
 pub mod reader;
 pub mod replica;
