@@ -245,8 +245,10 @@ CREATE EVENT TRIGGER {end} ON ddl_command_end WHEN TAG IN ({tags})
 }
 
 /// Installs schema-change detection. Event triggers need a superuser: without one, zcache
-/// goes on without detection (a changed Relation message still reveals added and dropped
-/// columns). Returns whether detection is on.
+/// goes on without detection, as zero-cache does: a changed Relation message still reveals
+/// a changed table; a dropped column is applied in place, anything else (an added or renamed
+/// column, whose default or history the message does not carry) resets the replica
+/// (`ZERO_AUTO_RESET`). Returns whether detection is on.
 pub async fn ensure_ddl_triggers<S: AsyncRead + AsyncWrite + Unpin>(
     conn: &mut PgConn<S>,
     cfg: &Config,
@@ -256,7 +258,8 @@ pub async fn ensure_ddl_triggers<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(_) => Ok(true),
         Err(e @ PgError::Server { .. }) => {
             tracing::warn!(error = %e, "cannot create the schema-change event triggers (they need a superuser): \
-                 upstream schema changes are detected only from changed Relation messages");
+                 an upstream schema change other than a dropped column will reset the replica \
+                 (with ZERO_AUTO_RESET) or stop replication");
             Ok(false)
         }
         Err(e) => Err(e.into()),
