@@ -37,8 +37,6 @@ const STATEMENT_CACHE_CAPACITY: usize = 256;
 /// table size. Measured on 1M rows: 64 MiB beat 16 MiB (more page reloads) and 256 MiB
 /// (first-touch page faults cost more than the pages saved).
 const BULK_CACHE_KIB: i64 = 64 * 1024;
-/// Helper threads SQLite may use to sort while building the replica's indexes.
-const BULK_SORT_THREADS: i64 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
@@ -180,9 +178,6 @@ impl Replica {
         self.conn.pragma_update(None, "synchronous", "off")?;
         self.conn
             .pragma_update(None, "cache_size", -BULK_CACHE_KIB)?;
-        // Index builds sort with helper threads: Postgres is done by then, its core is free.
-        self.conn
-            .pragma_update(None, "threads", BULK_SORT_THREADS)?;
         // Leaving WAL needs the only connection to the file; if a reader holds it, the copy
         // still goes through WAL, which is slower but just as correct.
         let mode: String = self
@@ -204,7 +199,6 @@ impl Replica {
         self.conn.execute_batch("COMMIT")?;
         self.bulk = false;
         self.conn.pragma_update(None, "cache_size", -2000)?;
-        self.conn.pragma_update(None, "threads", 0)?;
         // A checkpointed, fsynced main file before any watermark can refer to its content.
         self.conn.pragma_update(None, "synchronous", "full")?;
         let mode: String = self
