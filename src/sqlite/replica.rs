@@ -27,7 +27,7 @@ pub const REPLICA_CHECKPOINT_WAIT_MS_MAX: u64 = 100;
 /// After a forced checkpoint a reader blocked, the next one waits until the WAL has grown by
 /// this much more: a reader holding one snapshot for seconds must not make every commit wait
 /// `REPLICA_CHECKPOINT_WAIT_MS_MAX` (that would throttle replication to ~10 commits/s).
-pub const REPLICA_CHECKPOINT_RETRY_BYTES: u64 = 1 << 20;
+pub const REPLICA_CHECKPOINT_RETRY_BYTES: u64 = 256 << 10;
 /// How long a statement waits for a lock held by another connection on the replica.
 pub const REPLICA_BUSY_TIMEOUT_MS: u64 = 5_000;
 

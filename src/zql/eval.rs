@@ -48,11 +48,7 @@ pub fn evaluate(ast: &Ast, src: &dyn Source) -> Result<Evaluation, ZqlError> {
 
 /// Evaluates a plan compiled (by `plan::compile`) against the same source's tables.
 pub fn evaluate_plan(plan: &Plan, src: &dyn Source) -> Result<Evaluation, ZqlError> {
-    let mut ev = Evaluator {
-        src,
-        exists_cache: HashMap::new(),
-        rows: HashMap::new(),
-    };
+    let mut ev = Evaluator::new(src);
     let roots = ev.select(&plan.root, &[])?;
     let nodes = ev.build(&plan.root, roots)?;
     Ok(Evaluation {
@@ -76,7 +72,9 @@ pub fn row_key_json(spec: &TableSpec, row: &Row) -> String {
     out
 }
 
-struct Evaluator<'a> {
+/// One evaluation pass over an unchanging source (its EXISTS cache is valid only as long as
+/// the source does not change). `ivm` drives it one root row at a time.
+pub(crate) struct Evaluator<'a> {
     src: &'a dyn Source,
     /// Child rows of correlated-subquery conditions by (condition id, parent key values), so
     /// that parents sharing a key, and the later row sync, cost one fetch.
@@ -104,9 +102,66 @@ fn join_constraint(join: &Join, parent: &Row) -> Option<Vec<(usize, Value)>> {
         .collect()
 }
 
-impl Evaluator<'_> {
+impl<'a> Evaluator<'a> {
+    pub(crate) fn new(src: &'a dyn Source) -> Self {
+        Evaluator {
+            src,
+            exists_cache: HashMap::new(),
+            rows: HashMap::new(),
+        }
+    }
+
+    pub(crate) fn source(&self) -> &'a dyn Source {
+        self.src
+    }
+
     /// The rows of one level under `join_eq`: filtered, ordered, windowed by start and limit.
-    fn select(&mut self, level: &Level, join_eq: &[(usize, Value)]) -> Result<Vec<Row>, ZqlError> {
+    pub(crate) fn select(
+        &mut self,
+        level: &Level,
+        join_eq: &[(usize, Value)],
+    ) -> Result<Vec<Row>, ZqlError> {
+        let mut kept = self.members(level, join_eq)?;
+        let cmp = |a: &Row, b: &Row| compare_rows(&level.order, a, b);
+        if let Some(limit) = level.limit {
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            if limit == 0 {
+                kept.clear();
+            } else if limit < kept.len() {
+                kept.select_nth_unstable_by(limit - 1, cmp);
+                kept.truncate(limit);
+            }
+        }
+        kept.sort_by(cmp);
+        debug_assert!(level.limit.is_none_or(|l| kept.len() as u64 <= l));
+        debug_assert!(
+            kept.windows(2).all(|w| cmp(&w[0], &w[1]).is_lt()) || has_duplicate_keys(level, &kept)
+        );
+        Ok(kept)
+    }
+
+    /// Whether `row` belongs to `level` (constraints, start cursor and filter; not the limit).
+    pub(crate) fn admits(&mut self, level: &Level, row: &Row) -> Result<bool, ZqlError> {
+        if !level.pushdown.iter().all(|(c, v)| row[*c].sql_eq(v)) {
+            return Ok(false);
+        }
+        if let Some(start) = &level.start {
+            if !start.admits(&level.order, row) {
+                return Ok(false);
+            }
+        }
+        match &level.filter {
+            Some(filter) => self.test(level, filter, row),
+            None => Ok(true),
+        }
+    }
+
+    /// Every row of `level` under `join_eq` that `admits` accepts, in no order.
+    pub(crate) fn members(
+        &mut self,
+        level: &Level,
+        join_eq: &[(usize, Value)],
+    ) -> Result<Vec<Row>, ZqlError> {
         let mut eq = Vec::with_capacity(join_eq.len() + level.pushdown.len());
         eq.extend_from_slice(join_eq);
         eq.extend_from_slice(&level.pushdown);
@@ -138,21 +193,6 @@ impl Evaluator<'_> {
             }
             kept.push(row);
         }
-        let cmp = |a: &Row, b: &Row| compare_rows(&level.order, a, b);
-        if let Some(limit) = level.limit {
-            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-            if limit == 0 {
-                kept.clear();
-            } else if limit < kept.len() {
-                kept.select_nth_unstable_by(limit - 1, cmp);
-                kept.truncate(limit);
-            }
-        }
-        kept.sort_by(cmp);
-        debug_assert!(level.limit.is_none_or(|l| kept.len() as u64 <= l));
-        debug_assert!(
-            kept.windows(2).all(|w| cmp(&w[0], &w[1]).is_lt()) || has_duplicate_keys(level, &kept)
-        );
         Ok(kept)
     }
 
@@ -204,9 +244,17 @@ impl Evaluator<'_> {
         Ok(rows)
     }
 
+    /// The rows reached from one row of `level` (itself included), with their counts.
+    pub(crate) fn subtree(&mut self, level: &Level, row: Row) -> Result<RowCounts, ZqlError> {
+        let outer = std::mem::take(&mut self.rows);
+        let built = self.build(level, vec![row]);
+        let reached = std::mem::replace(&mut self.rows, outer);
+        built.map(|_| reached)
+    }
+
     /// Builds the view nodes for `rows` of `level` and counts every row reached, walking all
     /// relationships the way zero-cache's Streamer does.
-    fn build(&mut self, level: &Level, rows: Vec<Row>) -> Result<Vec<Node>, ZqlError> {
+    pub(crate) fn build(&mut self, level: &Level, rows: Vec<Row>) -> Result<Vec<Node>, ZqlError> {
         let mut nodes = Vec::with_capacity(rows.len());
         for row in rows {
             self.count(&level.spec, &row);

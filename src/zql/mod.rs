@@ -4,6 +4,7 @@ pub mod ast;
 pub mod error;
 pub mod eval;
 pub mod filter;
+pub mod ivm;
 pub mod like;
 pub mod plan;
 pub mod schema;
