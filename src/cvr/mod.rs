@@ -61,6 +61,9 @@ pub struct RowRecord {
 /// The rows one evaluation of a query reached.
 pub type QueryRows = HashMap<RowKey, (Rc<TableSpec>, Row)>;
 
+/// A row an incremental step touched, with what the query now reaches there (None: nothing).
+pub type TouchedRow = (RowKey, Option<(Rc<TableSpec>, Row)>);
+
 #[derive(Debug, Clone)]
 pub struct Cvr {
     pub id: String,
@@ -213,6 +216,44 @@ impl Cvr {
         for (key, (spec, row)) in rows {
             let added = !old_keys.contains(&key);
             changed |= self.ref_row(key, spec, row, added, at);
+        }
+        changed
+    }
+
+    /// Updates a got query's rows from an incremental step: each touched key with the row
+    /// the query now reaches (None: no longer reached). Untouched rows stay as they were.
+    pub fn update_query_rows(&mut self, hash: &str, touched: Vec<TouchedRow>, at: Version) -> bool {
+        let Some(query) = self.queries.get_mut(hash) else {
+            return false;
+        };
+        debug_assert!(
+            query.got.is_some(),
+            "an incremental step of a query never hydrated"
+        );
+        let mut changed = false;
+        let mut added = Vec::new();
+        let mut gone = Vec::new();
+        for (key, now) in touched {
+            let had = query.keys.contains(&key);
+            match now {
+                Some((spec, row)) => {
+                    if !had {
+                        query.keys.insert(key.clone());
+                    }
+                    added.push((key, spec, row, !had));
+                }
+                None if had => {
+                    query.keys.remove(&key);
+                    gone.push(key);
+                }
+                None => {}
+            }
+        }
+        for key in gone {
+            changed |= self.unref_row(&key, at);
+        }
+        for (key, spec, row, new_ref) in added {
+            changed |= self.ref_row(key, spec, row, new_ref, at);
         }
         changed
     }

@@ -4,6 +4,7 @@
 use super::schema::replica_table_name;
 use super::{ddl, ReplError};
 use crate::pgrepl::pgoutput::{OldTuple, PgOutput, Relation, TupleValue};
+use crate::shards::ChangedRow;
 use crate::sqlite::pgtypes::decode_text;
 use crate::sqlite::Replica;
 use crate::zql::schema::TableSpec;
@@ -19,11 +20,18 @@ struct RelationMap {
     positions: Vec<Option<usize>>,
 }
 
-/// What a commit hands on: the new watermark and the tables it touched.
+/// What a commit hands on: the new watermark, the tables it touched, and the rows it
+/// changed with their state before (None when a table-wide change, a schema change, or more
+/// than `CHANGED_ROWS_PER_VERSION_MAX` rows make that list useless or too big: syncers then
+/// re-run the queries of the touched tables).
 pub struct Committed {
     pub watermark: u64,
     pub tables: Vec<String>,
+    pub rows: Option<Vec<ChangedRow>>,
 }
+
+/// Rows one version may list; a bigger transaction is announced by its tables alone.
+pub const CHANGED_ROWS_PER_VERSION_MAX: usize = 10_000;
 
 #[derive(Default)]
 pub struct Applier {
@@ -34,6 +42,8 @@ pub struct Applier {
     ddl_prefix: String,
     /// OIDs of the tables the current transaction created.
     created_in_tx: HashSet<u32>,
+    /// The rows the current transaction changed (see `Committed::rows`).
+    changed: Option<Vec<ChangedRow>>,
 }
 
 impl Applier {
@@ -58,6 +68,7 @@ impl Applier {
                 self.in_tx = true;
                 self.touched.clear();
                 self.created_in_tx.clear();
+                self.changed = Some(Vec::new());
             }
             PgOutput::Commit { end_lsn, .. } => {
                 replica.commit(end_lsn.0)?;
@@ -65,6 +76,7 @@ impl Applier {
                 return Ok(Some(Committed {
                     watermark: end_lsn.0,
                     tables: std::mem::take(&mut self.touched).into_iter().collect(),
+                    rows: self.changed.take(),
                 }));
             }
             PgOutput::Relation(rel) => self.relation(replica, rel)?,
@@ -72,6 +84,8 @@ impl Applier {
                 let Some((table, row)) = self.row(replica, relation_oid, &new, None)? else {
                     return Ok(None);
                 };
+                let key = key_of(replica.spec(&table)?, &row);
+                self.note_change(&table, key, None);
                 replica.upsert(&table, &row)?;
             }
             PgOutput::Update {
@@ -83,9 +97,15 @@ impl Applier {
                 let Some((table, key)) = self.key(replica, relation_oid, &old.values)? else {
                     return Ok(None);
                 };
+                if self.changed.is_some() {
+                    if let Some(previous) = replica.get(&table, &key)? {
+                        self.note_change(&table, key.clone(), Some(previous));
+                    }
+                }
                 replica.delete(&table, &key)?;
             }
             PgOutput::Truncate { relation_oids, .. } => {
+                self.changed = None;
                 for oid in relation_oids {
                     if let Some(rel) = self.relations.get(&oid) {
                         replica.truncate(&rel.table)?;
@@ -99,6 +119,7 @@ impl Applier {
                 content,
                 ..
             } if prefix == self.ddl_prefix && !prefix.is_empty() => {
+                self.changed = None;
                 let change = ddl::apply_message(replica, &content, &mut self.created_in_tx)?;
                 self.remap(replica);
                 self.touched.extend(change.touched);
@@ -133,6 +154,7 @@ impl Applier {
                 .iter()
                 .find(|c| before.column_index(&c.name).is_none())
             {
+                self.changed = None;
                 return Err(ReplError::ResetRequired(format!(
                     "column {table}.{} appeared upstream without a schema-change message (no \
                      event triggers: is zcache's role a superuser?); what the rows already \
@@ -141,6 +163,7 @@ impl Applier {
                 )));
             }
             self.touched.insert(table.clone());
+            self.changed = None;
         }
         let columns = rel.columns.into_iter().map(|c| c.name).collect();
         let mut map = RelationMap {
@@ -232,22 +255,55 @@ impl Applier {
             return Ok(());
         };
         let spec: TableSpec = replica.spec(&table)?.clone();
-        let new_key: Vec<Value> = spec.primary_key.iter().map(|&i| row[i].clone()).collect();
+        let new_key: Vec<Value> = key_of(&spec, &row);
+        let lookup = old_key.clone().unwrap_or_else(|| new_key.clone());
+        let previous = if needs_old || self.changed.is_some() {
+            replica.get(&table, &lookup)?
+        } else {
+            None
+        };
         if needs_old {
-            let lookup = old_key.clone().unwrap_or_else(|| new_key.clone());
-            if let Some(previous) = replica.get(&table, &lookup)? {
+            if let Some(previous) = &previous {
                 row = self
-                    .row(replica, oid, &new, Some(&previous))?
+                    .row(replica, oid, &new, Some(previous))?
                     .map(|(_, r)| r)
                     .unwrap_or(row);
             }
         }
-        if let Some(k) = old_key.filter(|k| *k != new_key) {
-            replica.delete(&table, &k)?;
+        match old_key.filter(|k| *k != new_key) {
+            Some(k) => {
+                if self.changed.is_some() {
+                    let displaced = replica.get(&table, &new_key)?;
+                    self.note_change(&table, new_key, displaced);
+                }
+                self.note_change(&table, k.clone(), previous);
+                replica.delete(&table, &k)?;
+            }
+            None => self.note_change(&table, new_key, previous),
         }
         replica.upsert(&table, &row)?;
         Ok(())
     }
+
+    /// Records a changed row (its key and its state before) unless the list is given up.
+    fn note_change(&mut self, table: &str, key: Vec<Value>, old: Option<Row>) {
+        let Some(list) = &mut self.changed else {
+            return;
+        };
+        if list.len() >= CHANGED_ROWS_PER_VERSION_MAX {
+            self.changed = None;
+            return;
+        }
+        list.push(ChangedRow {
+            table: table.to_string(),
+            key,
+            old,
+        });
+    }
+}
+
+fn key_of(spec: &TableSpec, row: &Row) -> Vec<Value> {
+    spec.primary_key.iter().map(|&i| row[i].clone()).collect()
 }
 
 /// For each column of a relation, its position in the replica table's rows.

@@ -337,7 +337,11 @@ async fn rebuild(
     tables.dedup();
     let watermark = p.replica.watermark()?.unwrap_or(0);
     tracing::info!(slot = %p.slot, watermark = %Lsn(watermark), "replica rebuilt");
-    let v = VersionReady { watermark, tables };
+    let v = VersionReady {
+        watermark,
+        tables,
+        rows: None,
+    };
     for s in syncers {
         let _ = s.send(v.clone()).await;
     }
@@ -396,6 +400,7 @@ async fn stream(
                     let v = VersionReady {
                         watermark: commit.watermark,
                         tables: commit.tables,
+                        rows: commit.rows.map(std::sync::Arc::new),
                     };
                     for s in syncers {
                         let _ = s.send(v.clone()).await;
@@ -412,7 +417,20 @@ async fn stream(
                     idle_end = wal_end;
                 }
                 if reply_requested {
+                    let before = confirmed;
                     confirmed = record_idle_end(&p.replica, &applier, idle_end, confirmed)?;
+                    if confirmed > before {
+                        // Syncers wait for the announcement of every watermark they may
+                        // see in a snapshot (shards::Shard::last_version).
+                        let v = VersionReady {
+                            watermark: confirmed.0,
+                            tables: Vec::new(),
+                            rows: Some(std::sync::Arc::new(Vec::new())),
+                        };
+                        for s in syncers {
+                            let _ = s.send(v.clone()).await;
+                        }
+                    }
                     stream
                         .send_status(confirmed, confirmed, confirmed, false)
                         .await?;

@@ -2,8 +2,9 @@
 //! evaluated against the shard's replica snapshot, and the internal queries that carry
 //! lastMutationIDs and mutation results.
 //!
-//! Evaluation is from scratch each time a query's tables change, diffed against the CVR;
-//! the incremental engine (issue 4) will replace `evaluate_into` behind the same interface.
+//! Each query is hydrated once into a `LiveQuery` and then kept up to date from the rows
+//! each version changed (`push_into`); when those are not known (a truncate, a schema
+//! change, a huge transaction) the query is hydrated again (`evaluate_into`).
 
 use super::Shard;
 use crate::appserver::{AppServerError, QueryRequest, TransformResult};
@@ -12,7 +13,8 @@ use crate::protocol::cookie::Version;
 use crate::protocol::{ErrorKind, ProtocolError};
 use crate::sqlite::ReplicaReader;
 use crate::zql::ast::{parse_ast, Ast, Condition};
-use crate::zql::eval::evaluate;
+use crate::zql::ivm::{LiveQuery, RowChange};
+use crate::zql::schema::TableSpec;
 use crate::zql::value::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
@@ -25,6 +27,8 @@ pub struct GroupQueries {
     names: HashMap<String, String>,
     /// Queries whose AST failed to run: not retried until the client asks again.
     failed: std::collections::HashSet<String>,
+    /// The maintained form of every got query.
+    live: HashMap<String, LiveQuery>,
 }
 
 /// Every table an AST reads: its own, its related subqueries' and its EXISTS subqueries'.
@@ -117,6 +121,7 @@ impl GroupQueries {
     }
 
     pub fn forget(&mut self, hash: &str) {
+        self.live.remove(hash);
         self.asts.remove(hash);
         self.tables.remove(hash);
         self.names.remove(hash);
@@ -187,10 +192,10 @@ fn transform_failed(e: &AppServerError, ids: &[String]) -> ProtocolError {
     }
 }
 
-/// Evaluates one query against the open snapshot and stores its rows in the CVR.
+/// Hydrates one query against the open snapshot and stores its rows in the CVR.
 pub fn evaluate_into(
     reader: &ReplicaReader,
-    queries: &GroupQueries,
+    queries: &mut GroupQueries,
     cvr: &mut Cvr,
     hash: &str,
     at: Version,
@@ -198,20 +203,65 @@ pub fn evaluate_into(
     let Some(ast) = queries.asts.get(hash) else {
         return Ok(false);
     };
-    let evaluation = evaluate(ast, reader)?;
-    let mut rows: QueryRows = HashMap::with_capacity(evaluation.rows.len());
-    for ((table, key), (row, _count)) in evaluation.rows {
-        let spec = reader
-            .table_spec(&table)
-            .ok_or_else(|| crate::zql::error::ZqlError::UnknownTable(table.clone()))?;
-        if let Some((column, value)) = crate::protocol::down::unsafe_integer_column(&spec, &row) {
-            return Err(crate::zql::error::ZqlError::Source(format!(
-                "{table}.{column} = {value} is beyond 2^53: a JavaScript client cannot hold it exactly"
-            )));
-        }
-        rows.insert((table, key), (spec, row));
+    queries.live.remove(hash);
+    let live = LiveQuery::hydrate(ast, reader)?;
+    let mut rows: QueryRows = HashMap::with_capacity(live.rows().len());
+    for ((table, key), (row, _count)) in live.rows() {
+        let spec = checked_spec(reader, table, row)?;
+        rows.insert((table.clone(), key.clone()), (spec, row.clone()));
     }
+    queries.live.insert(hash.to_string(), live);
     Ok(cvr.set_query_rows(hash, rows, at))
+}
+
+/// Brings one hydrated query up to date with `changes` (rows read in the open snapshot)
+/// and updates the CVR with the rows whose count or contents changed.
+pub fn push_into(
+    reader: &ReplicaReader,
+    queries: &mut GroupQueries,
+    cvr: &mut Cvr,
+    hash: &str,
+    changes: &[RowChange],
+    at: Version,
+) -> Result<bool, crate::zql::error::ZqlError> {
+    let Some(live) = queries.live.get_mut(hash) else {
+        return evaluate_into(reader, queries, cvr, hash, at);
+    };
+    let touched = match live.push(changes, reader) {
+        Ok(t) => t,
+        Err(e) => {
+            // Its state is not to be trusted any more.
+            queries.live.remove(hash);
+            return Err(e);
+        }
+    };
+    let mut update: Vec<crate::cvr::TouchedRow> = Vec::with_capacity(touched.len());
+    for key in touched {
+        let now = match live.rows().get(&key) {
+            Some((row, _)) => Some((checked_spec(reader, &key.0, row)?, row.clone())),
+            None => None,
+        };
+        update.push((key, now));
+    }
+    Ok(cvr.update_query_rows(hash, update, at))
+}
+
+/// The table's spec, after checking the row holds nothing a JavaScript client would get
+/// wrong (integers beyond 2^53).
+fn checked_spec(
+    reader: &ReplicaReader,
+    table: &str,
+    row: &crate::zql::value::Row,
+) -> Result<Rc<TableSpec>, crate::zql::error::ZqlError> {
+    let spec = reader
+        .table_spec(table)
+        .ok_or_else(|| crate::zql::error::ZqlError::UnknownTable(table.to_string()))?;
+    if let Some((column, value)) = crate::protocol::down::unsafe_integer_column(&spec, row) {
+        return Err(crate::zql::error::ZqlError::Source(format!(
+            "{table}.{column} = {value} is beyond 2^53: a JavaScript client cannot hold it exactly"
+        )));
+    }
+    Ok(spec)
 }
 
 /// The internal queries: `{shard}.clients` rows of the group become lastMutationIDChanges,

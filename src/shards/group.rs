@@ -4,6 +4,7 @@
 
 use super::conn::Conn;
 use super::eval::{self, GroupQueries};
+use super::pending::Pending;
 use super::Shard;
 use crate::cvr::{Cvr, QuerySpec};
 use crate::protocol::cookie::Version;
@@ -11,7 +12,7 @@ use crate::protocol::down::{self, PokeBuilder};
 use crate::protocol::up::{InitConnection, QueryPatchOp};
 use crate::protocol::{ErrorKind, ProtocolError};
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 pub struct Group {
@@ -24,8 +25,8 @@ pub struct Group {
     /// Pushes waiting for the app server, in order (created on the first push).
     pub pusher: RefCell<Option<super::push::Pusher>>,
     lock: glommio::sync::Semaphore,
-    /// Tables changed upstream since the group last advanced.
-    pending_tables: RefCell<BTreeSet<String>>,
+    /// What changed upstream since the group last advanced.
+    pending: RefCell<Pending>,
 }
 
 pub type GroupResult<T> = Result<T, ProtocolError>;
@@ -43,7 +44,7 @@ impl Group {
             token: RefCell::new(None),
             pusher: RefCell::new(None),
             lock: glommio::sync::Semaphore::new(1),
-            pending_tables: RefCell::new(BTreeSet::new()),
+            pending: RefCell::new(Pending::default()),
         }
     }
 
@@ -201,7 +202,7 @@ impl Group {
             }
             let pending: Vec<String> = self.queries.borrow().ungot_with_ast(cvr);
             for hash in pending {
-                match eval::evaluate_into(reader, &self.queries.borrow(), cvr, &hash, at) {
+                match eval::evaluate_into(reader, &mut self.queries.borrow_mut(), cvr, &hash, at) {
                     Ok(c) => changed |= c,
                     Err(e) => failed.push((hash, e.to_string())),
                 }
@@ -260,10 +261,8 @@ impl Group {
         ));
     }
 
-    pub fn note_changed_tables(&self, tables: &[String]) {
-        self.pending_tables
-            .borrow_mut()
-            .extend(tables.iter().cloned());
+    pub fn note_version(&self, v: &super::VersionReady) {
+        self.pending.borrow_mut().note(v);
     }
 
     /// Re-evaluates the queries that read a changed table and pokes what changed.
@@ -274,15 +273,32 @@ impl Group {
 
     /// `advance` for a caller that holds the lock.
     fn advance_locked(&self, shard: &Shard) -> GroupResult<()> {
-        let tables = std::mem::take(&mut *self.pending_tables.borrow_mut());
-        if tables.is_empty() {
+        let pending = std::mem::take(&mut *self.pending.borrow_mut());
+        if pending.is_empty() {
             return Ok(());
         }
         let mutation_tables = format!("{}.", shard.shard_schema);
+        let mut early = false;
         let changed = self.in_snapshot(shard, |reader, cvr, at| {
+            if reader.snapshot_watermark() > shard.last_version.get() {
+                // Newer versions are committed but not yet announced: their rows (and the
+                // rows a mutation's lastMutationID goes with) come with them, and this
+                // advance would show half of them. Their announcement advances again.
+                early = true;
+                return Ok(false);
+            }
+            let changes = pending.changes(reader).map_err(|e| {
+                ProtocolError::new(ErrorKind::Internal, format!("reading changed rows: {e}"))
+            })?;
             let mut changed = false;
-            for hash in self.queries.borrow().affected_by(cvr, &tables) {
-                match eval::evaluate_into(reader, &self.queries.borrow(), cvr, &hash, at) {
+            let affected = self.queries.borrow().affected_by(cvr, &pending.tables);
+            for hash in affected {
+                let mut queries = self.queries.borrow_mut();
+                let result = match &changes {
+                    Some(changes) => eval::push_into(reader, &mut queries, cvr, &hash, changes, at),
+                    None => eval::evaluate_into(reader, &mut queries, cvr, &hash, at),
+                };
+                match result {
                     Ok(c) => changed |= c,
                     // The client's view would silently go stale: end the sockets instead.
                     Err(e) => {
@@ -293,11 +309,19 @@ impl Group {
                     }
                 }
             }
-            if tables.iter().any(|t| t.starts_with(&mutation_tables)) {
+            if pending
+                .tables
+                .iter()
+                .any(|t| t.starts_with(&mutation_tables))
+            {
                 changed |= eval::refresh_mutation_state(reader, &shard.shard_schema, cvr, at)?;
             }
             Ok(changed)
         })?;
+        if early {
+            self.pending.borrow_mut().restore(pending);
+            return Ok(());
+        }
         if changed {
             self.poke_all();
         }

@@ -4,6 +4,7 @@
 pub mod conn;
 pub mod eval;
 pub mod group;
+pub mod pending;
 pub mod push;
 
 use crate::appserver::AppServerClient;
@@ -32,6 +33,18 @@ pub struct VersionReady {
     pub watermark: u64,
     /// Tables that changed in this version (replica names).
     pub tables: Vec<String>,
+    /// The rows it changed, with their state before (None: not listed; the queries of the
+    /// tables are re-run instead). Shared by every syncer shard.
+    pub rows: Option<std::sync::Arc<Vec<ChangedRow>>>,
+}
+
+/// A row a version changed: its table, its primary-key values (key order) and its state
+/// before the version (None: it did not exist). Its state after is read from the replica.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangedRow {
+    pub table: String,
+    pub key: Vec<crate::zql::value::Value>,
+    pub old: Option<crate::zql::value::Row>,
 }
 
 /// An accepted socket moving to the shard that owns its client group: the fd and the bytes
@@ -49,6 +62,9 @@ pub struct Shard {
     pub shard_schema: String,
     pub reader: RefCell<ReplicaReader>,
     groups: RefCell<HashMap<String, Rc<Group>>>,
+    /// The newest version announced to this shard: a snapshot newer than it holds changes
+    /// whose rows are still on their way (`Group::advance` waits for them).
+    pub last_version: std::cell::Cell<u64>,
 }
 
 /// FNV-1a: stable across processes and versions, so a group always lands on the same shard.
@@ -72,6 +88,7 @@ impl Shard {
             cfg,
             reader: RefCell::new(reader),
             groups: RefCell::new(HashMap::new()),
+            last_version: std::cell::Cell::new(0),
         }
     }
 
@@ -105,9 +122,11 @@ impl Shard {
         if let Err(e) = self.reader.borrow_mut().reload_specs() {
             tracing::error!(error = %e, "cannot reload replica table specs");
         }
+        self.last_version
+            .set(self.last_version.get().max(v.watermark));
         let groups: Vec<Rc<Group>> = self.groups.borrow().values().cloned().collect();
         for g in groups {
-            g.note_changed_tables(&v.tables);
+            g.note_version(&v);
             if !g.has_connections() {
                 continue;
             }

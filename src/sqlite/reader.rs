@@ -14,6 +14,8 @@ use std::rc::Rc;
 pub struct ReplicaReader {
     conn: Connection,
     tables: HashMap<String, Rc<TableSpec>>,
+    /// The watermark the last snapshot began at.
+    snapshot_watermark: std::cell::Cell<u64>,
 }
 
 impl ReplicaReader {
@@ -22,6 +24,7 @@ impl ReplicaReader {
         let mut reader = ReplicaReader {
             conn,
             tables: HashMap::new(),
+            snapshot_watermark: std::cell::Cell::new(0),
         };
         reader.reload_specs()?;
         Ok(reader)
@@ -51,9 +54,17 @@ impl ReplicaReader {
                 |r| r.get(0),
             )
             .optional()?;
-        w.unwrap_or_default()
+        let w: u64 = w
+            .unwrap_or_default()
             .parse()
-            .map_err(|_| ReplicaError::Corrupt("watermark missing".into()))
+            .map_err(|_| ReplicaError::Corrupt("watermark missing".into()))?;
+        self.snapshot_watermark.set(w);
+        Ok(w)
+    }
+
+    /// The watermark of the snapshot last begun.
+    pub fn snapshot_watermark(&self) -> u64 {
+        self.snapshot_watermark.get()
     }
 
     pub fn end_snapshot(&self) -> Result<(), ReplicaError> {
