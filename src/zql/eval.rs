@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use super::ast::Ast;
+use super::ast::{Ast, Direction};
 use super::error::ZqlError;
 use super::filter::Filter;
 use super::plan::{compare_rows, compile, Join, Level, Plan, SubqueryCondition};
@@ -17,6 +17,21 @@ pub trait Source {
     /// Rows of `table` whose columns (by position) equal the given values under SQL equality
     /// (Value::sql_eq; an empty list = every row). Any order.
     fn fetch(&self, table: &str, eq: &[(usize, Value)]) -> Result<Vec<Row>, ZqlError>;
+
+    /// The first `limit` rows under `eq` in `order` (the client's ordering: nulls lowest,
+    /// strings by UTF-8 bytes), from the cursor on when given: rows whose `order` columns come
+    /// after `cursor.0` (or at it, when `cursor.1`). None when this source cannot order; the
+    /// caller then fetches everything and sorts.
+    fn fetch_ordered(
+        &self,
+        _table: &str,
+        _eq: &[(usize, Value)],
+        _order: &[(usize, Direction)],
+        _cursor: Option<(&[Value], bool)>,
+        _limit: usize,
+    ) -> Result<Option<Vec<Row>>, ZqlError> {
+        Ok(None)
+    }
 }
 
 /// A row of the view with its visible relationships (junction hops already lifted).
@@ -72,6 +87,9 @@ pub fn row_key_json(spec: &TableSpec, row: &Row) -> String {
     out
 }
 
+/// Rows asked of an ordering source at once while filling a window.
+pub const ORDERED_BATCH_ROWS_MAX: usize = 1024;
+
 /// One evaluation pass over an unchanging source (its EXISTS cache is valid only as long as
 /// the source does not change). `ivm` drives it one root row at a time.
 pub(crate) struct Evaluator<'a> {
@@ -121,6 +139,16 @@ impl<'a> Evaluator<'a> {
         level: &Level,
         join_eq: &[(usize, Value)],
     ) -> Result<Vec<Row>, ZqlError> {
+        if let Some(limit) = level.limit {
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            let cursor = level
+                .start
+                .as_ref()
+                .map(|s| (s.values.clone(), !s.exclusive));
+            if let Some(rows) = self.first_members(level, join_eq, cursor, limit)? {
+                return Ok(rows);
+            }
+        }
         let mut kept = self.members(level, join_eq)?;
         let cmp = |a: &Row, b: &Row| compare_rows(&level.order, a, b);
         if let Some(limit) = level.limit {
@@ -138,6 +166,69 @@ impl<'a> Evaluator<'a> {
             kept.windows(2).all(|w| cmp(&w[0], &w[1]).is_lt()) || has_duplicate_keys(level, &kept)
         );
         Ok(kept)
+    }
+
+    /// The first `n` members of `level` under `join_eq` from `cursor` on (values of the
+    /// ordering columns; inclusive when `.1`), read in order from the source a batch at a
+    /// time, so that a window over a large table reads little more than the window. None when
+    /// the source cannot read in order.
+    pub(crate) fn first_members(
+        &mut self,
+        level: &Level,
+        join_eq: &[(usize, Value)],
+        mut cursor: Option<(Vec<Value>, bool)>,
+        n: usize,
+    ) -> Result<Option<Vec<Row>>, ZqlError> {
+        let mut eq = Vec::with_capacity(join_eq.len() + level.pushdown.len());
+        eq.extend_from_slice(join_eq);
+        eq.extend_from_slice(&level.pushdown);
+        let mut out = Vec::new();
+        if n == 0 {
+            return Ok(Some(out));
+        }
+        let width = level.spec.columns.len();
+        let batch = n.saturating_add(n / 2).clamp(16, ORDERED_BATCH_ROWS_MAX);
+        loop {
+            let Some(rows) = self.src.fetch_ordered(
+                &level.spec.name,
+                &eq,
+                &level.order,
+                cursor
+                    .as_ref()
+                    .map(|(v, inclusive)| (v.as_slice(), *inclusive)),
+                batch,
+            )?
+            else {
+                return Ok(None);
+            };
+            let fetched = rows.len();
+            for row in rows {
+                if row.len() != width {
+                    return Err(ZqlError::Source(format!(
+                        "table '{}' returned a row of {} values for {} columns",
+                        level.spec.name,
+                        row.len(),
+                        width
+                    )));
+                }
+                debug_assert!(out
+                    .last()
+                    .is_none_or(|l: &Row| compare_rows(&level.order, l, &row).is_lt()));
+                cursor = Some((
+                    level.order.iter().map(|(c, _)| row[*c].clone()).collect(),
+                    false,
+                ));
+                if eq.iter().all(|(c, v)| row[*c].sql_eq(v)) && self.admits(level, &row)? {
+                    out.push(row);
+                    if out.len() == n {
+                        return Ok(Some(out));
+                    }
+                }
+            }
+            if fetched < batch {
+                return Ok(Some(out));
+            }
+        }
     }
 
     /// Whether `row` belongs to `level` (constraints, start cursor and filter; not the limit).

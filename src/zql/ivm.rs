@@ -79,9 +79,25 @@ impl LiveQuery {
         let mut ev = Evaluator::new(src);
         let plan = q.plan.clone();
         let root = &plan.root;
-        let mut members = ev.members(root, &[])?;
-        members.sort_by(|a, b| compare_rows(&root.order, a, b));
         let limit = window_limit(root);
+        let first = match root.limit {
+            Some(_) => {
+                let cursor = root
+                    .start
+                    .as_ref()
+                    .map(|s| (s.values.clone(), !s.exclusive));
+                ev.first_members(root, &[], cursor, limit.saturating_add(1))?
+            }
+            None => None,
+        };
+        let mut members = match first {
+            Some(rows) => rows,
+            None => {
+                let mut all = ev.members(root, &[])?;
+                all.sort_by(|a, b| compare_rows(&root.order, a, b));
+                all
+            }
+        };
         q.window_cut = members.len() > limit;
         members.truncate(limit);
         let mut touched = HashSet::new();
@@ -391,6 +407,18 @@ fn next_members(
     after: Option<&Row>,
     n: usize,
 ) -> Result<NextMembers, ZqlError> {
+    let cursor = after.map(|r| {
+        (
+            level.order.iter().map(|(c, _)| r[*c].clone()).collect(),
+            false,
+        )
+    });
+    // One more than asked tells whether more exist.
+    if let Some(mut rows) = ev.first_members(level, &[], cursor, n.saturating_add(1))? {
+        let cut = rows.len() > n;
+        rows.truncate(n);
+        return Ok(NextMembers { rows, cut });
+    }
     let mut rows = ev.members(level, &[])?;
     if let Some(after) = after {
         rows.retain(|r| compare_rows(&level.order, r, after) == Ordering::Greater);
