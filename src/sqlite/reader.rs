@@ -17,6 +17,9 @@ pub struct ReplicaReader {
     tables: HashMap<String, Rc<TableSpec>>,
     /// The watermark the last snapshot began at.
     snapshot_watermark: std::cell::Cell<u64>,
+    /// `fetch_rows` SQL by table and constrained columns: made once, not per read (the
+    /// statement cache is keyed by this text, and building it cost more than the lookup).
+    fetch_sql: std::cell::RefCell<HashMap<String, HashMap<Vec<usize>, Rc<str>>>>,
 }
 
 impl ReplicaReader {
@@ -26,6 +29,7 @@ impl ReplicaReader {
             conn,
             tables: HashMap::new(),
             snapshot_watermark: std::cell::Cell::new(0),
+            fetch_sql: std::cell::RefCell::new(HashMap::new()),
         };
         reader.reload_specs()?;
         Ok(reader)
@@ -33,6 +37,7 @@ impl ReplicaReader {
 
     /// Re-reads the table specs (after the replica's schema changed).
     pub fn reload_specs(&mut self) -> Result<(), ReplicaError> {
+        self.fetch_sql.borrow_mut().clear();
         self.tables = load_specs(&self.conn)?
             .into_iter()
             .map(|t| (t.name.clone(), Rc::new(t)))
@@ -85,17 +90,7 @@ impl ReplicaReader {
         if eq.iter().any(|(_, v)| v.is_null()) {
             return Ok(Vec::new());
         }
-        let cols: Vec<String> = spec.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let mut sql = format!("SELECT {} FROM {}", cols.join(", "), quote_ident(table));
-        for (n, (col, _)) in eq.iter().enumerate() {
-            let name = &spec
-                .columns
-                .get(*col)
-                .ok_or_else(|| ReplicaError::Corrupt(format!("column {col} of {table}")))?
-                .name;
-            sql.push_str(if n == 0 { " WHERE " } else { " AND " });
-            sql.push_str(&format!("{} = ?{}", quote_ident(name), n + 1));
-        }
+        let sql = self.fetch_sql(spec, eq)?;
         let mut stmt = self.conn.prepare_cached(&sql)?;
         let mut rows = stmt.query(rusqlite::params_from_iter(
             eq.iter().map(|(_, v)| to_sql(v)),
@@ -123,6 +118,38 @@ pub(crate) fn from_sql(kind: ColumnKind, v: ValueRef<'_>) -> Value {
         }
         (_, ValueRef::Text(t)) => Value::Text(String::from_utf8_lossy(t).into_owned()),
         (_, ValueRef::Blob(b)) => Value::Text(String::from_utf8_lossy(b).into_owned()),
+    }
+}
+
+impl ReplicaReader {
+    fn fetch_sql(&self, spec: &TableSpec, eq: &[(usize, Value)]) -> Result<Rc<str>, ReplicaError> {
+        let cols: Vec<usize> = eq.iter().map(|(c, _)| *c).collect();
+        if let Some(sql) = self
+            .fetch_sql
+            .borrow()
+            .get(&spec.name)
+            .and_then(|by_cols| by_cols.get(&cols))
+        {
+            return Ok(sql.clone());
+        }
+        let names: Vec<String> = spec.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let mut sql = format!("SELECT {} FROM {}", names.join(", "), quote_ident(&spec.name));
+        for (n, col) in cols.iter().enumerate() {
+            let name = &spec
+                .columns
+                .get(*col)
+                .ok_or_else(|| ReplicaError::Corrupt(format!("column {col} of {}", spec.name)))?
+                .name;
+            sql.push_str(if n == 0 { " WHERE " } else { " AND " });
+            sql.push_str(&format!("{} = ?{}", quote_ident(name), n + 1));
+        }
+        let sql: Rc<str> = sql.into();
+        self.fetch_sql
+            .borrow_mut()
+            .entry(spec.name.clone())
+            .or_default()
+            .insert(cols, sql.clone());
+        Ok(sql)
     }
 }
 

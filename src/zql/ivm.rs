@@ -178,8 +178,20 @@ impl LiveQuery {
         let Some(eq) = parent_constraint(join, row) else {
             return Ok(()); // a null join key reaches no parent
         };
-        // The parent level's own rows above this one: all of them (a parent outside the
-        // window may enter it through an EXISTS), with the cheap tests applied first.
+        // Below related subqueries only (no EXISTS on the way up), a child change cannot
+        // bring a parent into the view: only parents the client has matter, and when the
+        // join lands on the parent's key they are found in this query's rows, not the source.
+        if path.iter().all(|s| matches!(s, Step::Related(_))) {
+            if let Some(key) = key_json_of(parent, join, &eq) {
+                if let Some((p, _)) = self.counts.get(&(parent.spec.name.clone(), key)) {
+                    let p = p.clone();
+                    self.roots_above(ev, up, &p, out)?;
+                }
+                return Ok(());
+            }
+        }
+        // Otherwise every parent row above this one (a parent outside the window may enter
+        // it through an EXISTS), with the cheap tests applied first.
         let parents = ev.source().fetch(&parent.spec.name, &eq)?;
         for p in parents {
             if p.len() == parent.spec.columns.len() && eq.iter().all(|(c, v)| p[*c].sql_eq(v)) {
@@ -356,6 +368,37 @@ fn parent_constraint(join: &Join, child: &Row) -> Option<Vec<(usize, Value)>> {
             (!v.is_null()).then(|| (p, v.clone()))
         })
         .collect()
+}
+
+/// The key JSON (`row_key_json`) of the parent row that `eq` pins, when `eq` covers exactly
+/// the parent's primary key with values of the same column types (so the JSON is the one
+/// the parent's own row would give).
+fn key_json_of(parent: &Level, join: &Join, eq: &[(usize, Value)]) -> Option<String> {
+    let spec = &parent.spec;
+    if eq.len() != spec.primary_key.len() {
+        return None;
+    }
+    let child = &join.child.spec;
+    let same_types = join
+        .parent_columns
+        .iter()
+        .zip(&join.child_columns)
+        .all(|(&p, &c)| spec.columns[p].pg_type_oid == child.columns[c].pg_type_oid);
+    if !same_types {
+        return None;
+    }
+    let mut out = String::from("{");
+    for (i, &pk) in spec.primary_key.iter().enumerate() {
+        let (_, v) = eq.iter().find(|(c, _)| *c == pk)?;
+        if i > 0 {
+            out.push(',');
+        }
+        super::value::write_json_string(&spec.columns[pk].name, &mut out);
+        out.push(':');
+        v.write_json(&mut out);
+    }
+    out.push('}');
+    Some(out)
 }
 
 /// A cheap over-approximation of `level` admitting `row`: its constraints and its simple
