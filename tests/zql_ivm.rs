@@ -480,3 +480,181 @@ fn window_refills_and_rows_cross_the_edge() {
     assert_eq!(ids(&live), [0, 7, 6]);
     check_equal(&live, &src, &ast).unwrap();
 }
+
+fn issue(id: i64, status: &str, owner: Option<i64>, pri: i64) -> Row {
+    vec![
+        Value::Int(id),
+        Value::Text(status.into()),
+        owner.map_or(Value::Null, Value::Int),
+        Value::Int(pri),
+        Value::Text(format!("t{id}")),
+    ]
+}
+
+fn comment(id: i64, issue: i64, body: &str) -> Row {
+    vec![
+        Value::Int(id),
+        Value::Int(issue),
+        Value::Null,
+        Value::Text(body.into()),
+    ]
+}
+
+fn key(table: &str, id: i64) -> (String, String) {
+    (table.to_string(), format!("{{\"id\":{id}}}"))
+}
+
+/// Pushes `ops`, checks the result against a fresh evaluation, returns the touched keys.
+fn step(
+    live: &mut LiveQuery,
+    src: &MemSource,
+    ast: &zcache::zql::Ast,
+    ops: &[Op],
+) -> std::collections::HashSet<(String, String)> {
+    let changes = apply(src, ops);
+    let touched = live.push(&changes, src).unwrap();
+    check_equal(live, src, ast).unwrap();
+    touched
+}
+
+/// A child change flips an EXISTS: the parent enters with the child that made it, and
+/// leaves when its last matching child goes; a NOT EXISTS does the opposite.
+#[test]
+fn a_child_change_flips_exists_and_not_exists() {
+    for op in ["EXISTS", "NOT EXISTS"] {
+        let src = schema();
+        apply(&src, &[Op::Put("issue", issue(1, "open", None, 1))]);
+        let q = json!({"table":"issue","where":exists(op, json!({"correlation":corr("id","issue"),
+            "subquery":{"table":"comment","alias":"c","where":simple("body","LIKE",json!("a%"))}}))});
+        let ast = parse_ast(&q).unwrap();
+        let mut live = LiveQuery::hydrate(&ast, &src).unwrap();
+        let present = |live: &LiveQuery| live.rows().contains_key(&key("issue", 1));
+        assert_eq!(present(&live), op == "NOT EXISTS");
+        // A comment that does not match changes nothing.
+        let touched = step(
+            &mut live,
+            &src,
+            &ast,
+            &[Op::Put("comment", comment(10, 1, "b"))],
+        );
+        assert!(touched.iter().all(|(t, _)| t != "issue") || op == "NOT EXISTS");
+        assert_eq!(present(&live), op == "NOT EXISTS");
+        // A matching one flips it, and is synced with it under EXISTS.
+        step(
+            &mut live,
+            &src,
+            &ast,
+            &[Op::Put("comment", comment(11, 1, "ab"))],
+        );
+        assert_eq!(present(&live), op == "EXISTS");
+        assert_eq!(
+            live.rows().contains_key(&key("comment", 11)),
+            op == "EXISTS"
+        );
+        // Editing it to no longer match flips it back.
+        step(
+            &mut live,
+            &src,
+            &ast,
+            &[Op::Put("comment", comment(11, 1, "zz"))],
+        );
+        assert_eq!(present(&live), op == "NOT EXISTS");
+        assert!(!live.rows().contains_key(&key("comment", 11)));
+    }
+}
+
+/// A parent's join key changes: its related rows follow it (old ones leave, new ones come).
+#[test]
+fn a_parent_key_change_moves_its_related_rows() {
+    let src = schema();
+    apply(
+        &src,
+        &[
+            Op::Put(
+                "user",
+                vec![Value::Int(1), Value::Text("ann".into()), Value::Int(1)],
+            ),
+            Op::Put(
+                "user",
+                vec![Value::Int(2), Value::Text("bob".into()), Value::Int(2)],
+            ),
+            Op::Put("issue", issue(1, "open", Some(1), 1)),
+        ],
+    );
+    let q = json!({"table":"issue","related":[{"correlation":corr("owner","id"),
+        "subquery":{"table":"user","alias":"owner"}}]});
+    let ast = parse_ast(&q).unwrap();
+    let mut live = LiveQuery::hydrate(&ast, &src).unwrap();
+    assert!(live.rows().contains_key(&key("user", 1)));
+    let touched = step(
+        &mut live,
+        &src,
+        &ast,
+        &[Op::Put("issue", issue(1, "open", Some(2), 1))],
+    );
+    assert!(touched.contains(&key("user", 1)) && touched.contains(&key("user", 2)));
+    assert!(!live.rows().contains_key(&key("user", 1)));
+    assert!(live.rows().contains_key(&key("user", 2)));
+    // An edit of the related row itself is a touched row with its new contents.
+    let touched = step(
+        &mut live,
+        &src,
+        &ast,
+        &[Op::Put(
+            "user",
+            vec![Value::Int(2), Value::Text("bo".into()), Value::Int(2)],
+        )],
+    );
+    assert!(touched.contains(&key("user", 2)));
+    assert_eq!(live.rows()[&key("user", 2)].0[1], Value::Text("bo".into()));
+    // A user nobody references changes nothing.
+    let touched = step(
+        &mut live,
+        &src,
+        &ast,
+        &[Op::Put(
+            "user",
+            vec![Value::Int(1), Value::Text("x".into()), Value::Null],
+        )],
+    );
+    assert!(touched.is_empty());
+}
+
+/// Per-parent limits: a new child enters its parent's window and pushes the last one out.
+#[test]
+fn a_child_enters_its_parents_window_and_evicts_the_last() {
+    let src = schema();
+    apply(
+        &src,
+        &[
+            Op::Put("issue", issue(1, "open", None, 1)),
+            Op::Put("comment", comment(1, 1, "b")),
+            Op::Put("comment", comment(2, 1, "c")),
+        ],
+    );
+    let q = json!({"table":"issue","related":[{"correlation":corr("id","issue"),
+        "subquery":{"table":"comment","alias":"comments","orderBy":[["body","desc"]],"limit":2}}]});
+    let ast = parse_ast(&q).unwrap();
+    let mut live = LiveQuery::hydrate(&ast, &src).unwrap();
+    step(
+        &mut live,
+        &src,
+        &ast,
+        &[Op::Put("comment", comment(3, 1, "d"))],
+    );
+    assert!(live.rows().contains_key(&key("comment", 3)));
+    assert!(
+        !live.rows().contains_key(&key("comment", 1)),
+        "b fell out of the top 2"
+    );
+    step(
+        &mut live,
+        &src,
+        &ast,
+        &[Op::Delete("comment", comment(3, 1, "d"))],
+    );
+    assert!(
+        live.rows().contains_key(&key("comment", 1)),
+        "and came back"
+    );
+}

@@ -12,6 +12,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::rc::Rc;
 
+/// SQL text by table, then by constrained columns.
+type FetchSqlCache = HashMap<String, HashMap<Vec<usize>, Rc<str>>>;
+
 pub struct ReplicaReader {
     conn: Connection,
     tables: HashMap<String, Rc<TableSpec>>,
@@ -19,7 +22,7 @@ pub struct ReplicaReader {
     snapshot_watermark: std::cell::Cell<u64>,
     /// `fetch_rows` SQL by table and constrained columns: made once, not per read (the
     /// statement cache is keyed by this text, and building it cost more than the lookup).
-    fetch_sql: std::cell::RefCell<HashMap<String, HashMap<Vec<usize>, Rc<str>>>>,
+    fetch_sql: std::cell::RefCell<FetchSqlCache>,
 }
 
 impl ReplicaReader {
@@ -133,7 +136,11 @@ impl ReplicaReader {
             return Ok(sql.clone());
         }
         let names: Vec<String> = spec.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let mut sql = format!("SELECT {} FROM {}", names.join(", "), quote_ident(&spec.name));
+        let mut sql = format!(
+            "SELECT {} FROM {}",
+            names.join(", "),
+            quote_ident(&spec.name)
+        );
         for (n, col) in cols.iter().enumerate() {
             let name = &spec
                 .columns
@@ -456,7 +463,7 @@ mod tests {
             // The key last, as completed orderings end.
             let order = vec![(cols[0], dirs.0), (cols[1], dirs.1), (cols[2], dirs.2), (0, Direction::Asc)];
             let cursor_values: Option<(Vec<Value>, bool)> = cursor.map(|((a, s, b), inc)| {
-                let row = vec![Value::Int(7), a, s, b];
+                let row = [Value::Int(7), a, s, b];
                 (order.iter().map(|(c, _)| row[*c].clone()).collect(), inc)
             });
             let cursor = cursor_values.as_ref().map(|(v, inc)| (v.as_slice(), *inc));
