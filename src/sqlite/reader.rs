@@ -208,6 +208,65 @@ fn cursor_sql(
 }
 
 impl ReplicaReader {
+    /// `column IN (values)`, the values passed as one JSON array.
+    fn rows_in(
+        &self,
+        table: &str,
+        column: usize,
+        values: &[Value],
+        eq: &[(usize, Value)],
+    ) -> Result<Option<Vec<Row>>, ReplicaError> {
+        let spec = self
+            .tables
+            .get(table)
+            .ok_or_else(|| ReplicaError::UnknownTable(table.to_string()))?;
+        let in_range = |c: usize| c < spec.columns.len();
+        if !in_range(column)
+            || spec.columns[column].kind == ColumnKind::Json
+            || eq.iter().any(|(c, _)| !in_range(*c))
+        {
+            return Ok(None);
+        }
+        if eq.iter().any(|(_, v)| v.is_null()) {
+            return Ok(Some(Vec::new()));
+        }
+        let mut list = String::from("[");
+        for (i, v) in values.iter().filter(|v| !v.is_null()).enumerate() {
+            if i > 0 {
+                list.push(',');
+            }
+            v.write_json(&mut list);
+        }
+        list.push(']');
+        let cols: Vec<String> = spec.columns.iter().map(|c| quote_ident(&c.name)).collect();
+        let mut sql = format!(
+            "SELECT {} FROM {} WHERE {} IN (SELECT value FROM json_each(?1))",
+            cols.join(", "),
+            quote_ident(table),
+            quote_ident(&spec.columns[column].name)
+        );
+        let mut params = vec![rusqlite::types::Value::Text(list)];
+        for (col, v) in eq {
+            params.push(to_sql(v));
+            sql.push_str(&format!(
+                " AND {} = ?{}",
+                quote_ident(&spec.columns[*col].name),
+                params.len()
+            ));
+        }
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let mut row = Vec::with_capacity(spec.columns.len());
+            for (i, col) in spec.columns.iter().enumerate() {
+                row.push(from_sql(col.kind, r.get_ref(i)?));
+            }
+            out.push(row);
+        }
+        Ok(Some(out))
+    }
+
     fn ordered_rows(
         &self,
         table: &str,
@@ -281,6 +340,20 @@ impl ReplicaReader {
 }
 
 impl crate::zql::Source for ReplicaReader {
+    fn fetch_in(
+        &self,
+        table: &str,
+        column: usize,
+        values: &[Value],
+        eq: &[(usize, Value)],
+    ) -> Result<Option<Vec<Row>>, crate::zql::ZqlError> {
+        self.rows_in(table, column, values, eq)
+            .map_err(|e| match e {
+                ReplicaError::UnknownTable(t) => crate::zql::ZqlError::UnknownTable(t),
+                other => crate::zql::ZqlError::Source(other.to_string()),
+            })
+    }
+
     fn fetch_ordered(
         &self,
         table: &str,

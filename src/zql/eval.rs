@@ -22,6 +22,18 @@ pub trait Source {
     /// strings by UTF-8 bytes), from the cursor on when given: rows whose `order` columns come
     /// after `cursor.0` (or at it, when `cursor.1`). None when this source cannot order; the
     /// caller then fetches everything and sorts.
+    /// Rows of `table` whose `column` equals one of `values` (none null) and whose columns
+    /// equal `eq`, in any order; None when this source cannot (the caller reads per value).
+    fn fetch_in(
+        &self,
+        _table: &str,
+        _column: usize,
+        _values: &[Value],
+        _eq: &[(usize, Value)],
+    ) -> Result<Option<Vec<Row>>, ZqlError> {
+        Ok(None)
+    }
+
     fn fetch_ordered(
         &self,
         _table: &str,
@@ -98,6 +110,8 @@ pub(crate) struct Evaluator<'a> {
     /// that parents sharing a key, and the later row sync, cost one fetch.
     exists_cache: HashMap<(usize, String), Rc<Vec<Row>>>,
     rows: RowCounts,
+    /// Children read ahead by `prefetch_related`, by `prefetch_key`.
+    prefetched: HashMap<String, Vec<Row>>,
 }
 
 /// Only a misbehaving source (rows repeated, or sharing a primary key) breaks the strict
@@ -106,6 +120,37 @@ fn has_duplicate_keys(level: &Level, rows: &[Row]) -> bool {
     let mut keys: Vec<String> = rows.iter().map(|r| row_key_json(&level.spec, r)).collect();
     keys.sort();
     keys.windows(2).any(|w| w[0] == w[1])
+}
+
+/// Orders a level's members and keeps its limit's worth.
+fn window(level: &Level, mut kept: Vec<Row>) -> Vec<Row> {
+    let cmp = |a: &Row, b: &Row| compare_rows(&level.order, a, b);
+    if let Some(limit) = level.limit {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        if limit == 0 {
+            kept.clear();
+        } else if limit < kept.len() {
+            kept.select_nth_unstable_by(limit - 1, cmp);
+            kept.truncate(limit);
+        }
+    }
+    kept.sort_by(cmp);
+    debug_assert!(level.limit.is_none_or(|l| kept.len() as u64 <= l));
+    debug_assert!(
+        kept.windows(2).all(|w| cmp(&w[0], &w[1]).is_lt()) || has_duplicate_keys(level, &kept)
+    );
+    kept
+}
+
+/// Parents whose children one prefetch statement reads.
+pub const PREFETCH_VALUES_MAX: usize = 500;
+
+/// Identifies one level's children for one join value: the level (by address: the plan
+/// outlives the evaluator), the column and the value.
+fn prefetch_key(level: &Level, column: usize, value: &Value) -> String {
+    let mut key = format!("{:p}/{column}/", level as *const Level);
+    value.write_json(&mut key);
+    key
 }
 
 /// The child constraint for `parent`, or None when a parent key is null (matches nothing).
@@ -126,6 +171,7 @@ impl<'a> Evaluator<'a> {
             src,
             exists_cache: HashMap::new(),
             rows: HashMap::new(),
+            prefetched: HashMap::new(),
         }
     }
 
@@ -139,6 +185,12 @@ impl<'a> Evaluator<'a> {
         level: &Level,
         join_eq: &[(usize, Value)],
     ) -> Result<Vec<Row>, ZqlError> {
+        if let [(column, value)] = join_eq {
+            let key = prefetch_key(level, *column, value);
+            if let Some(rows) = self.prefetched.get(&key) {
+                return Ok(rows.clone());
+            }
+        }
         if let Some(limit) = level.limit {
             let limit = usize::try_from(limit).unwrap_or(usize::MAX);
             let cursor = level
@@ -149,23 +201,59 @@ impl<'a> Evaluator<'a> {
                 return Ok(rows);
             }
         }
-        let mut kept = self.members(level, join_eq)?;
-        let cmp = |a: &Row, b: &Row| compare_rows(&level.order, a, b);
-        if let Some(limit) = level.limit {
-            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-            if limit == 0 {
-                kept.clear();
-            } else if limit < kept.len() {
-                kept.select_nth_unstable_by(limit - 1, cmp);
-                kept.truncate(limit);
+        let kept = self.members(level, join_eq)?;
+        Ok(window(level, kept))
+    }
+
+    /// Reads the children of every row of `rows` for each single-column related subquery of
+    /// `level` in one statement per (up to `PREFETCH_VALUES_MAX`) parents, instead of one per
+    /// parent; `select` then answers from what was read.
+    pub(crate) fn prefetch_related(&mut self, level: &Level, rows: &[Row]) -> Result<(), ZqlError> {
+        if rows.len() < 2 {
+            return Ok(());
+        }
+        for rel in &level.related {
+            let join = &rel.join;
+            let ([parent_col], [child_col]) = (&join.parent_columns[..], &join.child_columns[..])
+            else {
+                continue;
+            };
+            let child = &join.child;
+            let mut seen = std::collections::HashSet::new();
+            let mut values = Vec::new();
+            for row in rows {
+                let v = &row[*parent_col];
+                if !v.is_null() && seen.insert(prefetch_key(child, *child_col, v)) {
+                    values.push(v.clone());
+                }
+            }
+            for chunk in values.chunks(PREFETCH_VALUES_MAX) {
+                let Some(fetched) =
+                    self.src
+                        .fetch_in(&child.spec.name, *child_col, chunk, &child.pushdown)?
+                else {
+                    return Ok(());
+                };
+                let mut by_value: HashMap<String, Vec<Row>> = HashMap::new();
+                for row in fetched {
+                    if let Some(v) = row.get(*child_col) {
+                        by_value
+                            .entry(prefetch_key(child, *child_col, v))
+                            .or_default()
+                            .push(row);
+                    }
+                }
+                for v in chunk {
+                    let key = prefetch_key(child, *child_col, v);
+                    let candidates = by_value.remove(&key).unwrap_or_default();
+                    let mut eq = vec![(*child_col, v.clone())];
+                    eq.extend_from_slice(&child.pushdown);
+                    let kept = self.keep_members(child, &eq, candidates)?;
+                    self.prefetched.insert(key, window(child, kept));
+                }
             }
         }
-        kept.sort_by(cmp);
-        debug_assert!(level.limit.is_none_or(|l| kept.len() as u64 <= l));
-        debug_assert!(
-            kept.windows(2).all(|w| cmp(&w[0], &w[1]).is_lt()) || has_duplicate_keys(level, &kept)
-        );
-        Ok(kept)
+        Ok(())
     }
 
     /// The first `n` members of `level` under `join_eq` from `cursor` on (values of the
@@ -257,6 +345,16 @@ impl<'a> Evaluator<'a> {
         eq.extend_from_slice(join_eq);
         eq.extend_from_slice(&level.pushdown);
         let fetched = self.src.fetch(&level.spec.name, &eq)?;
+        self.keep_members(level, &eq, fetched)
+    }
+
+    /// The rows of `fetched` that belong to `level` under `eq` (all constraints included).
+    fn keep_members(
+        &mut self,
+        level: &Level,
+        eq: &[(usize, Value)],
+        fetched: Vec<Row>,
+    ) -> Result<Vec<Row>, ZqlError> {
         let width = level.spec.columns.len();
         let mut kept = Vec::new();
         for row in fetched {
@@ -346,6 +444,7 @@ impl<'a> Evaluator<'a> {
     /// Builds the view nodes for `rows` of `level` and counts every row reached, walking all
     /// relationships the way zero-cache's Streamer does.
     pub(crate) fn build(&mut self, level: &Level, rows: Vec<Row>) -> Result<Vec<Node>, ZqlError> {
+        self.prefetch_related(level, &rows)?;
         let mut nodes = Vec::with_capacity(rows.len());
         for row in rows {
             self.count(&level.spec, &row);

@@ -100,6 +100,7 @@ impl LiveQuery {
         };
         q.window_cut = members.len() > limit;
         members.truncate(limit);
+        ev.prefetch_related(root, &members)?;
         let mut touched = HashSet::new();
         for row in &members {
             q.add_subtree(&mut ev, row, &mut touched)?;
@@ -257,6 +258,12 @@ impl LiveQuery {
             entering_keys.extend(more.rows.iter().map(|r| row_key_json(&spec, r)));
             window.extend(more.rows);
         }
+        let entering: Vec<Row> = window
+            .iter()
+            .filter(|r| entering_keys.contains(&row_key_json(&spec, r)))
+            .cloned()
+            .collect();
+        ev.prefetch_related(root, &entering)?;
         for row in &window {
             if entering_keys.contains(&row_key_json(&spec, row)) {
                 self.add_subtree(ev, row, touched)?;
