@@ -112,6 +112,8 @@ pub(crate) struct Evaluator<'a> {
     rows: RowCounts,
     /// Children read ahead by `prefetch_related`, by `prefetch_key`.
     prefetched: HashMap<String, Vec<Row>>,
+    /// Count the rows reached without building view nodes (`subtree`).
+    count_only: bool,
 }
 
 /// Only a misbehaving source (rows repeated, or sharing a primary key) breaks the strict
@@ -172,6 +174,7 @@ impl<'a> Evaluator<'a> {
             exists_cache: HashMap::new(),
             rows: HashMap::new(),
             prefetched: HashMap::new(),
+            count_only: false,
         }
     }
 
@@ -436,7 +439,9 @@ impl<'a> Evaluator<'a> {
     /// The rows reached from one row of `level` (itself included), with their counts.
     pub(crate) fn subtree(&mut self, level: &Level, row: Row) -> Result<RowCounts, ZqlError> {
         let outer = std::mem::take(&mut self.rows);
+        let was = std::mem::replace(&mut self.count_only, true);
         let built = self.build(level, vec![row]);
+        self.count_only = was;
         let reached = std::mem::replace(&mut self.rows, outer);
         built.map(|_| reached)
     }
@@ -445,7 +450,7 @@ impl<'a> Evaluator<'a> {
     /// relationships the way zero-cache's Streamer does.
     pub(crate) fn build(&mut self, level: &Level, rows: Vec<Row>) -> Result<Vec<Node>, ZqlError> {
         self.prefetch_related(level, &rows)?;
-        let mut nodes = Vec::with_capacity(rows.len());
+        let mut nodes = Vec::with_capacity(if self.count_only { 0 } else { rows.len() });
         for row in rows {
             self.count(&level.spec, &row);
             let mut relationships = Vec::with_capacity(level.related.len());
@@ -455,6 +460,9 @@ impl<'a> Evaluator<'a> {
                     None => Vec::new(),
                 };
                 let children = self.build(&rel.join.child, children)?;
+                if self.count_only {
+                    continue;
+                }
                 if rel.hidden {
                     lift_junction(&rel.join.child, children, &mut relationships);
                 } else {
@@ -467,7 +475,9 @@ impl<'a> Evaluator<'a> {
                 let children = self.condition_rows(cond, &row)?;
                 self.build(&cond.join.child, children.as_ref().clone())?;
             }
-            nodes.push(Node { row, relationships });
+            if !self.count_only {
+                nodes.push(Node { row, relationships });
+            }
         }
         Ok(nodes)
     }
