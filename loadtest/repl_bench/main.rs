@@ -308,7 +308,7 @@ async fn stream_phases(
     let cpu = cpu_secs();
     let task = glommio::spawn_local(async move {
         let tx = tx.connect().await;
-        replicator::stream_forever(upstream, prepared, vec![tx]).await;
+        replicator::stream_forever(upstream, prepared, vec![tx], Default::default()).await;
     });
     let rx = rx.connect().await;
     let last = backlog.last().expect("commits").lsn_after;

@@ -119,6 +119,8 @@ pub fn run(cfg: Config, upstream_url: String) -> Result<(), StartError> {
 
     let (ready_tx, ready_rx) = mpsc::channel::<Result<(), String>>();
     let repl_cfg = cfg.clone();
+    let index_requests = std::sync::Arc::new(crate::sqlite::IndexRequests::default());
+    let repl_index_requests = index_requests.clone();
     let repl = spawn_executor("zcache-repl", &cfg, cfg.repl_core, move || async move {
         match replicator::prepare_at_startup(&repl_cfg, &upstream).await {
             Ok(prepared) => {
@@ -128,7 +130,7 @@ pub fn run(cfg: Config, upstream_url: String) -> Result<(), StartError> {
                 for tx in version_txs {
                     syncers.push(tx.connect().await);
                 }
-                replicator::stream_forever(upstream, prepared, syncers).await;
+                replicator::stream_forever(upstream, prepared, syncers, repl_index_requests).await;
             }
             Err(e) => {
                 let _ = ready_tx.send(Err(e.to_string()));
@@ -156,12 +158,24 @@ pub fn run(cfg: Config, upstream_url: String) -> Result<(), StartError> {
         let shard_cfg = (*cfg).clone();
         let addr = addr.clone();
         let bound_tx = bound_tx.clone();
+        let index_requests = index_requests.clone();
         threads.push(spawn_executor(
             &format!("zcache-sync{id}"),
             &cfg,
             id,
             move || async move {
-                run_syncer(id, n, shard_cfg, addr, version_rx, rxs, txs, bound_tx).await
+                run_syncer(
+                    id,
+                    n,
+                    shard_cfg,
+                    addr,
+                    version_rx,
+                    rxs,
+                    txs,
+                    bound_tx,
+                    index_requests,
+                )
+                .await
             },
         ));
     }
@@ -194,6 +208,7 @@ async fn run_syncer(
     handoff_rxs: Vec<Option<SharedReceiver<Handoff>>>,
     handoff_txs: Vec<Option<SharedSender<Handoff>>>,
     bound: mpsc::Sender<Result<(), String>>,
+    index_requests: std::sync::Arc<crate::sqlite::IndexRequests>,
 ) {
     let reader = match ReplicaReader::open(&cfg.replica_file) {
         Ok(r) => r,
@@ -202,7 +217,7 @@ async fn run_syncer(
             return;
         }
     };
-    let shard = Rc::new(Shard::new(id, n, Rc::new(cfg), reader));
+    let shard = Rc::new(Shard::new(id, n, Rc::new(cfg), reader, index_requests));
     // Receivers first, each in its own task: connecting either end waits for the other, and
     // every shard does this at once.
     let senders_slot: Rc<std::cell::OnceCell<Rc<Vec<Option<HandoffSender>>>>> =

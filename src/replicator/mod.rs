@@ -222,11 +222,20 @@ pub async fn stream_forever(
     upstream: ConnConfig,
     mut prepared: Prepared,
     syncers: Vec<glommio::channels::shared_channel::ConnectedSender<VersionReady>>,
+    index_requests: std::sync::Arc<crate::sqlite::IndexRequests>,
 ) {
     let mut backoff_ms = RECONNECT_BACKOFF_MS_MIN;
     loop {
         let mut streamed = false;
-        let e = match stream(&upstream, &mut prepared, &syncers, &mut streamed).await {
+        let e = match stream(
+            &upstream,
+            &mut prepared,
+            &syncers,
+            &index_requests,
+            &mut streamed,
+        )
+        .await
+        {
             Ok(()) => return,
             Err(e) => e,
         };
@@ -353,6 +362,7 @@ async fn stream(
     upstream: &ConnConfig,
     p: &mut Prepared,
     syncers: &[glommio::channels::shared_channel::ConnectedSender<VersionReady>],
+    index_requests: &crate::sqlite::IndexRequests,
     streamed: &mut bool,
 ) -> Result<(), ReplError> {
     let start = Lsn(p.replica.watermark()?.unwrap_or(0));
@@ -373,6 +383,9 @@ async fn stream(
     // wal_sender_timeout / 2).
     let mut status_due = Instant::now() + status_interval;
     loop {
+        if !applier.in_transaction() {
+            build_requested_indexes(&p.replica, index_requests);
+        }
         let wait = status_due.saturating_duration_since(Instant::now());
         let tick = async {
             glommio::timer::sleep(wait).await;
@@ -436,6 +449,24 @@ async fn stream(
                         .await?;
                     status_due = Instant::now() + status_interval;
                 }
+            }
+        }
+    }
+}
+
+/// Builds the indexes syncers asked for (between transactions: each is its own).
+fn build_requested_indexes(replica: &Replica, requests: &crate::sqlite::IndexRequests) {
+    for (table, columns) in requests.take() {
+        let started = Instant::now();
+        match replica.create_index(&table, &columns) {
+            Ok(()) => tracing::info!(
+                %table,
+                ?columns,
+                ms = started.elapsed().as_millis() as u64,
+                "built an index queries need (upstream has none)"
+            ),
+            Err(e) => {
+                tracing::warn!(%table, ?columns, error = %e, "cannot build a requested index")
             }
         }
     }

@@ -11,7 +11,7 @@ use crate::appserver::{AppServerError, QueryRequest, TransformResult};
 use crate::cvr::{Cvr, QueryRows, QuerySpec};
 use crate::protocol::cookie::Version;
 use crate::protocol::{ErrorKind, ProtocolError};
-use crate::sqlite::ReplicaReader;
+use crate::sqlite::{IndexRequests, ReplicaReader};
 use crate::zql::ast::{parse_ast, Ast, Condition};
 use crate::zql::ivm::{LiveQuery, RowChange};
 use crate::zql::schema::TableSpec;
@@ -195,6 +195,7 @@ fn transform_failed(e: &AppServerError, ids: &[String]) -> ProtocolError {
 /// Hydrates one query against the open snapshot and stores its rows in the CVR.
 pub fn evaluate_into(
     reader: &ReplicaReader,
+    wanted: &IndexRequests,
     queries: &mut GroupQueries,
     cvr: &mut Cvr,
     hash: &str,
@@ -205,6 +206,7 @@ pub fn evaluate_into(
     };
     queries.live.remove(hash);
     let live = LiveQuery::hydrate(ast, reader)?;
+    request_missing_indexes(reader, &live, wanted);
     let mut rows: QueryRows = HashMap::with_capacity(live.rows().len());
     for ((table, key), (row, _count)) in live.rows() {
         let spec = checked_spec(reader, table, row)?;
@@ -218,6 +220,7 @@ pub fn evaluate_into(
 /// and updates the CVR with the rows whose count or contents changed.
 pub fn push_into(
     reader: &ReplicaReader,
+    wanted: &IndexRequests,
     queries: &mut GroupQueries,
     cvr: &mut Cvr,
     hash: &str,
@@ -225,7 +228,7 @@ pub fn push_into(
     at: Version,
 ) -> Result<bool, crate::zql::error::ZqlError> {
     let Some(live) = queries.live.get_mut(hash) else {
-        return evaluate_into(reader, queries, cvr, hash, at);
+        return evaluate_into(reader, wanted, queries, cvr, hash, at);
     };
     let touched = match live.push(changes, reader) {
         Ok(t) => t,
@@ -244,6 +247,18 @@ pub fn push_into(
         update.push((key, now));
     }
     Ok(cvr.update_query_rows(hash, update, at))
+}
+
+/// Asks the replicator for the indexes the query's lookups lack.
+fn request_missing_indexes(reader: &ReplicaReader, live: &LiveQuery, wanted: &IndexRequests) {
+    for (table, columns) in live.lookups() {
+        if columns.is_empty() || reader.has_index_on(&table, &columns).unwrap_or(true) {
+            continue;
+        }
+        if wanted.request(&table, &columns) {
+            tracing::debug!(%table, ?columns, "asking for an index the query's lookups need");
+        }
+    }
 }
 
 /// The table's spec, after checking the row holds nothing a JavaScript client would get

@@ -202,7 +202,14 @@ impl Group {
             }
             let pending: Vec<String> = self.queries.borrow().ungot_with_ast(cvr);
             for hash in pending {
-                match eval::evaluate_into(reader, &mut self.queries.borrow_mut(), cvr, &hash, at) {
+                match eval::evaluate_into(
+                    reader,
+                    &shard.index_requests,
+                    &mut self.queries.borrow_mut(),
+                    cvr,
+                    &hash,
+                    at,
+                ) {
                     Ok(c) => changed |= c,
                     Err(e) => failed.push((hash, e.to_string())),
                 }
@@ -295,8 +302,23 @@ impl Group {
             for hash in affected {
                 let mut queries = self.queries.borrow_mut();
                 let result = match &changes {
-                    Some(changes) => eval::push_into(reader, &mut queries, cvr, &hash, changes, at),
-                    None => eval::evaluate_into(reader, &mut queries, cvr, &hash, at),
+                    Some(changes) => eval::push_into(
+                        reader,
+                        &shard.index_requests,
+                        &mut queries,
+                        cvr,
+                        &hash,
+                        changes,
+                        at,
+                    ),
+                    None => eval::evaluate_into(
+                        reader,
+                        &shard.index_requests,
+                        &mut queries,
+                        cvr,
+                        &hash,
+                        at,
+                    ),
                 };
                 match result {
                     Ok(c) => changed |= c,

@@ -65,6 +65,8 @@ pub struct Shard {
     /// The newest version announced to this shard: a snapshot newer than it holds changes
     /// whose rows are still on their way (`Group::advance` waits for them).
     pub last_version: std::cell::Cell<u64>,
+    /// Indexes this shard's queries need, for the replicator to build.
+    pub index_requests: std::sync::Arc<crate::sqlite::IndexRequests>,
 }
 
 /// FNV-1a: stable across processes and versions, so a group always lands on the same shard.
@@ -79,7 +81,13 @@ pub fn owner_shard(client_group_id: &str, count: usize) -> usize {
 }
 
 impl Shard {
-    pub fn new(id: usize, count: usize, cfg: Rc<Config>, reader: ReplicaReader) -> Self {
+    pub fn new(
+        id: usize,
+        count: usize,
+        cfg: Rc<Config>,
+        reader: ReplicaReader,
+        index_requests: std::sync::Arc<crate::sqlite::IndexRequests>,
+    ) -> Self {
         Shard {
             id,
             count,
@@ -89,6 +97,7 @@ impl Shard {
             reader: RefCell::new(reader),
             groups: RefCell::new(HashMap::new()),
             last_version: std::cell::Cell::new(0),
+            index_requests,
         }
     }
 

@@ -71,6 +71,30 @@ impl ReplicaReader {
         Ok(w)
     }
 
+    /// Whether some index of `table` starts with `columns`, in that order.
+    pub fn has_index_on(&self, table: &str, columns: &[String]) -> Result<bool, ReplicaError> {
+        let indexes: Vec<String> = {
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT name FROM pragma_index_list(?1)")?;
+            let rows = stmt.query_map([table], |r| r.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for index in indexes {
+            let cols: Vec<String> = {
+                let mut stmt = self
+                    .conn
+                    .prepare_cached("SELECT name FROM pragma_index_info(?1) ORDER BY seqno")?;
+                let rows = stmt.query_map([&index], |r| r.get(0))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            if cols.len() >= columns.len() && cols[..columns.len()] == *columns {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// The watermark of the snapshot last begun.
     pub fn snapshot_watermark(&self) -> u64 {
         self.snapshot_watermark.get()

@@ -120,6 +120,17 @@ impl LiveQuery {
         &self.window
     }
 
+    /// The (table, columns) this query looks rows up by: each subquery's child columns
+    /// (hydration reads children by them) and parent columns (a changed child finds its
+    /// parents by them).
+    pub fn lookups(&self) -> Vec<(String, Vec<String>)> {
+        let mut out = Vec::new();
+        collect_lookups(&self.plan.root, &mut out);
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Whether a change to `table` can concern this query at all.
     pub fn reads(&self, table: &str) -> bool {
         self.paths.contains_key(table)
@@ -350,6 +361,26 @@ fn collect_paths(level: &Level, path: &mut Vec<Step>, out: &mut HashMap<String, 
         path.push(Step::Condition(i));
         collect_paths(&cond.join.child, path, out);
         path.pop();
+    }
+}
+
+fn collect_lookups(level: &Level, out: &mut Vec<(String, Vec<String>)>) {
+    let joins = level
+        .related
+        .iter()
+        .map(|r| &r.join)
+        .chain(level.conditions.iter().map(|c| &c.join));
+    for join in joins {
+        let names = |spec: &super::schema::TableSpec, cols: &[usize]| -> Vec<String> {
+            cols.iter().map(|&c| spec.columns[c].name.clone()).collect()
+        };
+        let child = &join.child.spec;
+        out.push((child.name.clone(), names(child, &join.child_columns)));
+        out.push((
+            level.spec.name.clone(),
+            names(&level.spec, &join.parent_columns),
+        ));
+        collect_lookups(&join.child, out);
     }
 }
 

@@ -105,11 +105,20 @@ impl Streaming {
 
 /// Streams `prepared` in a task of this executor.
 pub async fn start_streaming(cfg: &Config, prepared: Prepared) -> Streaming {
+    start_streaming_with(cfg, prepared, Default::default()).await
+}
+
+/// `start_streaming`, building the indexes asked of `index_requests`.
+pub async fn start_streaming_with(
+    cfg: &Config,
+    prepared: Prepared,
+    index_requests: std::sync::Arc<zcache::sqlite::IndexRequests>,
+) -> Streaming {
     let upstream = upstream(cfg);
     let (tx, rx) = shared_channel::new_bounded(VERSION_QUEUE_MAX);
     let task = glommio::spawn_local(async move {
         let tx = tx.connect().await;
-        replicator::stream_forever(upstream, prepared, vec![tx]).await;
+        replicator::stream_forever(upstream, prepared, vec![tx], index_requests).await;
     });
     let rx = with_timeout("connecting the version channel", rx.connect()).await;
     Streaming { rx, task }
