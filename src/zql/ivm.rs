@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::ast::Ast;
 use super::error::ZqlError;
-use super::eval::{row_key_json, Evaluator, RowCounts, Source};
+use super::eval::{row_key_json, Evaluator, FastMap, RowCounts, Source};
 use super::filter::Filter;
 use super::plan::{compare_rows, compile, Join, Level, Plan};
 use super::value::{Row, Value};
@@ -57,7 +57,7 @@ pub struct LiveQuery {
     /// Whether rows past the window's last may exist (it was cut by the limit).
     window_cut: bool,
     /// Per root (by key JSON): the rows its subtree reaches, with multiplicities.
-    subtrees: HashMap<String, Vec<(RowKey, u32)>>,
+    subtrees: FastMap<String, Vec<(RowKey, u32)>>,
     /// The sum of the subtrees: every row the client needs, with its latest contents.
     counts: RowCounts,
 }
@@ -73,8 +73,8 @@ impl LiveQuery {
             paths,
             window: Vec::new(),
             window_cut: false,
-            subtrees: HashMap::new(),
-            counts: HashMap::new(),
+            subtrees: FastMap::default(),
+            counts: FastMap::default(),
         };
         let mut ev = Evaluator::new(src);
         let plan = q.plan.clone();
