@@ -118,10 +118,19 @@ impl ReplicaReader {
             return Ok(Vec::new());
         }
         let sql = self.fetch_sql(spec, eq)?;
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let mut rows = stmt.query(rusqlite::params_from_iter(
-            eq.iter().map(|(_, v)| to_sql(v)),
-        ))?;
+        let params: Vec<rusqlite::types::Value> = eq.iter().map(|(_, v)| to_sql(v)).collect();
+        self.query_rows(spec, &sql, &params)
+    }
+
+    /// Runs a SELECT of every column of `spec`'s table and converts its rows.
+    fn query_rows(
+        &self,
+        spec: &TableSpec,
+        sql: &str,
+        params: &[rusqlite::types::Value],
+    ) -> Result<Vec<Row>, ReplicaError> {
+        let mut stmt = self.conn.prepare_cached(sql)?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
         let mut out = Vec::new();
         while let Some(r) = rows.next()? {
             let mut row = Vec::with_capacity(spec.columns.len());
@@ -278,17 +287,7 @@ impl ReplicaReader {
                 params.len()
             ));
         }
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
-        let mut out = Vec::new();
-        while let Some(r) = rows.next()? {
-            let mut row = Vec::with_capacity(spec.columns.len());
-            for (i, col) in spec.columns.iter().enumerate() {
-                row.push(from_sql(col.kind, r.get_ref(i)?));
-            }
-            out.push(row);
-        }
-        Ok(Some(out))
+        self.query_rows(spec, &sql, &params).map(Some)
     }
 
     fn ordered_rows(
@@ -349,17 +348,7 @@ impl ReplicaReader {
             i64::try_from(limit).unwrap_or(i64::MAX),
         ));
         sql.push_str(&format!(" LIMIT ?{}", params.len()));
-        let mut stmt = self.conn.prepare_cached(&sql)?;
-        let mut rows = stmt.query(rusqlite::params_from_iter(params.iter()))?;
-        let mut out = Vec::new();
-        while let Some(r) = rows.next()? {
-            let mut row = Vec::with_capacity(spec.columns.len());
-            for (i, col) in spec.columns.iter().enumerate() {
-                row.push(from_sql(col.kind, r.get_ref(i)?));
-            }
-            out.push(row);
-        }
-        Ok(Some(out))
+        self.query_rows(spec, &sql, &params).map(Some)
     }
 }
 

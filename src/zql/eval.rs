@@ -128,6 +128,20 @@ fn has_duplicate_keys(level: &Level, rows: &[Row]) -> bool {
     keys.windows(2).any(|w| w[0] == w[1])
 }
 
+/// A source returning rows of the wrong width is broken: an error, not a panic later.
+fn check_width(level: &Level, row: &Row) -> Result<(), ZqlError> {
+    let width = level.spec.columns.len();
+    if row.len() == width {
+        return Ok(());
+    }
+    Err(ZqlError::Source(format!(
+        "table '{}' returned a row of {} values for {} columns",
+        level.spec.name,
+        row.len(),
+        width
+    )))
+}
+
 /// Orders a level's members and keeps its limit's worth.
 fn window(level: &Level, mut kept: Vec<Row>) -> Vec<Row> {
     let cmp = |a: &Row, b: &Row| compare_rows(&level.order, a, b);
@@ -281,7 +295,6 @@ impl<'a> Evaluator<'a> {
         if n == 0 {
             return Ok(Some(out));
         }
-        let width = level.spec.columns.len();
         let batch = n.saturating_add(n / 2).clamp(16, ORDERED_BATCH_ROWS_MAX);
         loop {
             let Some(rows) = self.src.fetch_ordered(
@@ -298,14 +311,7 @@ impl<'a> Evaluator<'a> {
             };
             let fetched = rows.len();
             for row in rows {
-                if row.len() != width {
-                    return Err(ZqlError::Source(format!(
-                        "table '{}' returned a row of {} values for {} columns",
-                        level.spec.name,
-                        row.len(),
-                        width
-                    )));
-                }
+                check_width(level, &row)?;
                 debug_assert!(out
                     .last()
                     .is_none_or(|l: &Row| compare_rows(&level.order, l, &row).is_lt()));
@@ -362,17 +368,9 @@ impl<'a> Evaluator<'a> {
         eq: &[(usize, Value)],
         fetched: Vec<Row>,
     ) -> Result<Vec<Row>, ZqlError> {
-        let width = level.spec.columns.len();
         let mut kept = Vec::new();
         for row in fetched {
-            if row.len() != width {
-                return Err(ZqlError::Source(format!(
-                    "table '{}' returned a row of {} values for {} columns",
-                    level.spec.name,
-                    row.len(),
-                    width
-                )));
-            }
+            check_width(level, &row)?;
             // The source may over-approximate (SQLite affinity); equality is ours to decide.
             if !eq.iter().all(|(c, v)| row[*c].sql_eq(v)) {
                 continue;
