@@ -101,9 +101,8 @@ impl LiveQuery {
         q.window_cut = members.len() > limit;
         members.truncate(limit);
         ev.prefetch_related(root, &members)?;
-        let mut touched = HashSet::new();
         for row in &members {
-            q.add_subtree(&mut ev, row, &mut touched)?;
+            q.add_subtree(&mut ev, row, None)?;
         }
         q.window = members;
         q.check();
@@ -277,7 +276,7 @@ impl LiveQuery {
         ev.prefetch_related(root, &entering)?;
         for row in &window {
             if entering_keys.contains(&row_key_json(&spec, row)) {
-                self.add_subtree(ev, row, touched)?;
+                self.add_subtree(ev, row, Some(&mut *touched))?;
             }
         }
         self.window = window;
@@ -285,11 +284,13 @@ impl LiveQuery {
         Ok(())
     }
 
+    /// Adds a root's subtree to the counts; `touched` (None while hydrating, when every row
+    /// is new) collects the keys it reaches.
     fn add_subtree(
         &mut self,
         ev: &mut Evaluator<'_>,
         row: &Row,
-        touched: &mut HashSet<RowKey>,
+        mut touched: Option<&mut HashSet<RowKey>>,
     ) -> Result<(), ZqlError> {
         let plan = self.plan.clone();
         let root = &plan.root;
@@ -297,13 +298,19 @@ impl LiveQuery {
         let reached = ev.subtree(root, row.clone())?;
         let mut list = Vec::with_capacity(reached.len());
         for (k, (r, n)) in reached {
-            let entry = self
-                .counts
-                .entry(k.clone())
-                .or_insert_with(|| (r.clone(), 0));
-            entry.0 = r;
-            entry.1 += n;
-            touched.insert(k.clone());
+            match self.counts.entry(k.clone()) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    let entry = e.get_mut();
+                    entry.0 = r;
+                    entry.1 += n;
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert((r, n));
+                }
+            }
+            if let Some(touched) = touched.as_deref_mut() {
+                touched.insert(k.clone());
+            }
             list.push((k, n));
         }
         let previous = self.subtrees.insert(key, list);
