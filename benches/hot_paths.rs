@@ -19,80 +19,12 @@ use zcache::protocol::down::PokeBuilder;
 use zcache::protocol::up::{parse, Upstream};
 use zcache::sqlite::Replica;
 use zcache::ws::frame::text_frame;
-use zcache::zql::schema::{ColumnKind, ColumnSpec, TableSpec};
+use zcache::zql::schema::TableSpec;
 use zcache::zql::value::{Row, Value};
 use zcache::zql::{evaluate, parse_ast, Source, ZqlError};
 
-const ISSUES: u32 = 10_000;
-const COMMENTS: u32 = 50_000;
-const USERS: u32 = 100;
-const STATUSES: [&str; 3] = ["open", "closed", "in_progress"];
-const CREATED_BASE_MS: i64 = 1_700_000_000_000;
-
-/// Postgres type OIDs of the kit's columns.
-const TEXT_OID: u32 = 25;
-const INT4_OID: u32 = 23;
-const INT8_OID: u32 = 20;
-
-fn column(name: &str, kind: ColumnKind, pg_type_oid: u32) -> ColumnSpec {
-    ColumnSpec {
-        name: name.into(),
-        kind,
-        pg_type_oid,
-    }
-}
-
-/// `issue(id text pk, title text, status text, priority int, created bigint, owner_id text)`.
-fn issue_spec() -> TableSpec {
-    TableSpec {
-        name: "issue".into(),
-        columns: vec![
-            column("id", ColumnKind::String, TEXT_OID),
-            column("title", ColumnKind::String, TEXT_OID),
-            column("status", ColumnKind::String, TEXT_OID),
-            column("priority", ColumnKind::Number, INT4_OID),
-            column("created", ColumnKind::Number, INT8_OID),
-            column("owner_id", ColumnKind::String, TEXT_OID),
-        ],
-        primary_key: vec![0],
-    }
-}
-
-/// `comment(id text pk, issue_id text, body text, created bigint)`.
-fn comment_spec() -> TableSpec {
-    TableSpec {
-        name: "comment".into(),
-        columns: vec![
-            column("id", ColumnKind::String, TEXT_OID),
-            column("issue_id", ColumnKind::String, TEXT_OID),
-            column("body", ColumnKind::String, TEXT_OID),
-            column("created", ColumnKind::Number, INT8_OID),
-        ],
-        primary_key: vec![0],
-    }
-}
-
-/// Issue `i` exactly as setup.sh seeds it.
-fn issue_row(i: u32) -> Row {
-    vec![
-        Value::Text(format!("i{i}")),
-        Value::Text(format!("Issue title {i}")),
-        Value::Text(STATUSES[(i % 3) as usize].into()),
-        Value::Int(i64::from(i % 5)),
-        Value::Int(CREATED_BASE_MS + i64::from(i) * 1000),
-        Value::Text(format!("u{}", 1 + i % USERS)),
-    ]
-}
-
-/// Comment `i` exactly as setup.sh seeds it.
-fn comment_row(i: u32) -> Row {
-    vec![
-        Value::Text(format!("c{i}")),
-        Value::Text(format!("i{}", 1 + i % ISSUES)),
-        Value::Text(format!("Comment body {i}")),
-        Value::Int(CREATED_BASE_MS + i64::from(i) * 100),
-    ]
-}
+mod kit;
+use kit::*;
 
 // ---------------------------------------------------------------------------------------------
 // pgoutput
