@@ -55,7 +55,7 @@ pub struct Replica {
     wal_path: PathBuf,
     /// Row statements' SQL per table, made once instead of per row; each entry remembers the
     /// spec it was made from, so a changed spec (whoever changed it) makes it anew.
-    row_sql: RefCell<HashMap<String, RowSql>>,
+    row_sql: RefCell<HashMap<String, std::rc::Rc<RowSql>>>,
     /// Set between `begin_bulk_load` and `end_bulk_load`.
     bulk: bool,
     /// The WAL size below which no forced checkpoint is tried (raised after one is blocked).
@@ -63,25 +63,30 @@ pub struct Replica {
 }
 
 /// The SQL of one table's row statements.
-#[derive(Clone)]
 struct RowSql {
     spec: TableSpec,
-    upsert: std::rc::Rc<str>,
-    delete: std::rc::Rc<str>,
+    upsert: String,
+    delete: String,
+    get: String,
 }
 
 impl RowSql {
     fn new(spec: &TableSpec) -> Self {
         let placeholders: Vec<String> = (1..=spec.columns.len()).map(|i| format!("?{i}")).collect();
         let table = quote_ident(&spec.name);
+        let cols: Vec<String> = spec.columns.iter().map(|c| quote_ident(&c.name)).collect();
         RowSql {
             spec: spec.clone(),
             upsert: format!(
                 "INSERT OR REPLACE INTO {table} VALUES ({})",
                 placeholders.join(", ")
-            )
-            .into(),
-            delete: format!("DELETE FROM {table} WHERE {}", key_condition(spec)).into(),
+            ),
+            delete: format!("DELETE FROM {table} WHERE {}", key_condition(spec)),
+            get: format!(
+                "SELECT {} FROM {table} WHERE {}",
+                cols.join(", "),
+                key_condition(spec)
+            ),
         }
     }
 }
@@ -228,13 +233,13 @@ impl Replica {
         })
     }
 
-    fn row_sql(&self, table: &str) -> Result<RowSql, ReplicaError> {
+    fn row_sql(&self, table: &str) -> Result<std::rc::Rc<RowSql>, ReplicaError> {
         let spec = self.spec(table)?;
         let mut cache = self.row_sql.borrow_mut();
         match cache.get(table) {
             Some(sql) if sql.spec == *spec => Ok(sql.clone()),
             _ => {
-                let sql = RowSql::new(spec);
+                let sql = std::rc::Rc::new(RowSql::new(spec));
                 cache.insert(table.to_string(), sql.clone());
                 Ok(sql)
             }
@@ -486,15 +491,9 @@ impl Replica {
 
     /// The row with this primary key, if present.
     pub fn get(&self, table: &str, key: &[Value]) -> Result<Option<Row>, ReplicaError> {
-        let spec = self.spec(table)?;
-        let cols: Vec<String> = spec.columns.iter().map(|c| quote_ident(&c.name)).collect();
-        let sql = format!(
-            "SELECT {} FROM {} WHERE {}",
-            cols.join(", "),
-            quote_ident(table),
-            key_condition(spec)
-        );
-        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let sql = self.row_sql(table)?;
+        let spec = &sql.spec;
+        let mut stmt = self.conn.prepare_cached(&sql.get)?;
         let mut rows = stmt.query(rusqlite::params_from_iter(key.iter().map(to_sql)))?;
         match rows.next()? {
             Some(r) => {
