@@ -496,7 +496,7 @@ proptest! {
     }
 
     /// The same over random schemas: 2-4 tables of random int and text columns, and queries
-    /// built from a seed over them (any table, random conditions, orderings, limits, related
+    /// built from a shrinkable choice tape over them (any table, random conditions, orderings, limits, related
     /// and EXISTS subqueries joined on columns of the same type, two levels deep).
     #[test]
     fn incremental_result_equals_fresh_evaluation_on_random_schemas(
@@ -506,10 +506,12 @@ proptest! {
                 proptest::collection::vec(random_op(&s), 1..4), 1..10);
             (Just(s), ops, batches)
         }),
-        query_seed in any::<u64>(),
+        query_tape in query_tape(),
     ) {
-        let query = random_query(&schema, query_seed);
-        run_case_on(schema.source(), &seed_ops, &query, &batches)?;
+        let query = random_query(&schema, query_tape);
+        // The query is derived from the tape, so the shrunk failure names it itself.
+        run_case_on(schema.source(), &seed_ops, &query, &batches)
+            .map_err(|e| TestCaseError::fail(format!("{e}\nquery: {query}")))?;
     }
 }
 
@@ -598,19 +600,24 @@ fn random_op(s: &RandomSchema) -> BoxedStrategy<Op> {
     proptest::strategy::Union::new(tables).boxed()
 }
 
-/// xorshift64: the query generator's dice (its seed comes from proptest).
-struct Dice(u64);
+/// The query generator's choices, read from a tape that proptest draws and shrinks: each
+/// decision takes the next number, and a number shrunk to 0 (or a tape shortened past it)
+/// picks the simplest option, so a failing case shrinks its query too, not only its data.
+struct Dice {
+    tape: Vec<u16>,
+    next: usize,
+}
 
 impl Dice {
     fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n.max(1) as u64) as usize
+        let value = self.tape.get(self.next).copied().unwrap_or(0);
+        self.next += 1;
+        value as usize % n.max(1)
     }
 
+    /// 0 on the tape means "no": the feature is left out of the query.
     fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
+        self.below(100) >= 100 - percent
     }
 
     fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
@@ -618,8 +625,13 @@ impl Dice {
     }
 }
 
-fn random_query(s: &RandomSchema, seed: u64) -> Json {
-    let mut d = Dice(seed | 1);
+/// A query's choice tape: long enough for two levels of subqueries with nested conditions.
+fn query_tape() -> impl Strategy<Value = Vec<u16>> {
+    proptest::collection::vec(0u16..1000, 0..120)
+}
+
+fn random_query(s: &RandomSchema, tape: Vec<u16>) -> Json {
+    let mut d = Dice { tape, next: 0 };
     let t = d.below(s.kinds.len());
     random_level(s, &mut d, t, 0)
 }
