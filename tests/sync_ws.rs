@@ -4,7 +4,7 @@
 
 use base64::Engine;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -52,8 +52,10 @@ fn seed(pg: &PgCluster) {
 }
 
 fn start_zcache(pg: &PgCluster) -> Server {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
+    start_zcache_at(pg, tempfile::tempdir().expect("tempdir"), free_port())
+}
+
+fn start_zcache_at(pg: &PgCluster, dir: tempfile::TempDir, port: u16) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_zcache"))
         .args([
             "--upstream-db",
@@ -400,6 +402,36 @@ fn zero_protocol_over_real_sockets() {
     assert_eq!(next(&mut ws4)[0], "connected");
     assert_eq!(next(&mut ws4)[1]["kind"], "ClientNotFound");
     drop(server);
+}
+
+/// A zcache restarted at once on its port: the connections the last run accepted wait in
+/// TIME_WAIT, and the new listeners must bind anyway (as zero-cache's do).
+#[test]
+fn a_restart_binds_the_port_its_last_run_served_on() {
+    let pg = PgCluster::start(PgClusterOptions::default()).expect("postgres");
+    seed(&pg);
+    let port = free_port();
+    let server = start_zcache_at(&pg, tempfile::tempdir().expect("tempdir"), port);
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("tcp");
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("request");
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf).expect("health answer");
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+        streams.push(s);
+    }
+    // The server side closes first (its process ends), then the clients: the server's ends
+    // of these connections are left in TIME_WAIT.
+    drop(server);
+    drop(streams);
+    let again = start_zcache_at(&pg, tempfile::tempdir().expect("tempdir"), port);
+    let health = ureq::get(&format!("http://127.0.0.1:{port}/"))
+        .call()
+        .expect("health after restart");
+    assert_eq!(health.status(), 200);
+    drop(again);
 }
 
 #[test]

@@ -80,8 +80,9 @@ where
 /// The address every syncer binds: dual-stack `[::]`, or IPv4 where IPv6 is off.
 fn listen_addr(port: u16) -> Result<String, StartError> {
     for addr in [format!("[::]:{port}"), format!("0.0.0.0:{port}")] {
-        // Without SO_REUSEPORT (which glommio sets), so another process on the port shows.
-        match std::net::TcpListener::bind(&addr) {
+        // Without SO_REUSEPORT (the syncers' listeners set it), so another process on the
+        // port shows; with SO_REUSEADDR, so the previous run's TIME_WAIT connections do not.
+        match bind_listener(&addr, false) {
             Ok(_) => return Ok(addr),
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
                 return Err(StartError::PortInUse(port))
@@ -91,6 +92,28 @@ fn listen_addr(port: u16) -> Result<String, StartError> {
     }
     Err(StartError::PortInUse(port))
 }
+
+/// A listening socket on `addr` with SO_REUSEADDR, and SO_REUSEPORT when `shared` (every
+/// syncer listens on the port and the kernel spreads connections over them). glommio's own
+/// `bind` sets no SO_REUSEADDR, which left a restarted zcache refusing its port while the last
+/// run's accepted connections sat in TIME_WAIT.
+fn bind_listener(addr: &str, shared: bool) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let addr: std::net::SocketAddr = addr
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if shared {
+        socket.set_reuse_port(true)?;
+    }
+    socket.bind(&SockAddr::from(addr))?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket)
+}
+
+/// Pending connections the kernel queues per syncer before accept (as glommio's own bind).
+const LISTEN_BACKLOG: i32 = 1024;
 
 /// Starts every shard and blocks until the process is stopped.
 pub fn run(cfg: Config, upstream_url: String) -> Result<(), StartError> {
@@ -254,8 +277,13 @@ async fn run_syncer(
         })
         .detach();
     }
-    let listener = match glommio::net::TcpListener::bind(&addr) {
-        Ok(l) => l,
+    let listener = match bind_listener(&addr, true) {
+        // SAFETY: the fd is a bound, listening TCP socket whose ownership moves to glommio.
+        Ok(socket) => unsafe {
+            <glommio::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(
+                std::os::fd::IntoRawFd::into_raw_fd(socket),
+            )
+        },
         Err(e) => {
             let _ = bound.send(Err(format!("syncer {id} cannot listen on {addr}: {e}")));
             return;
