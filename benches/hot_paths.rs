@@ -6,10 +6,6 @@
 //! Measurement windows are short so that `cargo bench --bench hot_paths` finishes in a few
 //! minutes on a small shared machine.
 
-// The same allocator as the zcache binary, so the figures are the binary's.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::collections::HashMap;
 use std::hint::black_box;
 use std::rc::Rc;

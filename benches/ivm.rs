@@ -19,10 +19,6 @@
 //! syncer does per batch). The replica lives on tmpfs when there is one, so that the
 //! untimed commits' fsyncs do not dominate the run's wall time.
 
-// The same allocator as the zcache binary, so the figures are the binary's.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hint::black_box;

@@ -17,11 +17,6 @@ fn fail(message: impl std::fmt::Display) -> ! {
     std::process::exit(1);
 }
 
-// Many small, short-lived allocations (row values, keys, frames) on every shard: mimalloc's
-// per-thread free lists cost a fraction of glibc malloc's there (issue 4's hydration profile).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() {
     let cfg = Config::parse();
     if let Err(e) = cfg.validate() {
