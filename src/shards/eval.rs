@@ -205,6 +205,7 @@ pub fn evaluate_into(
         return Ok(false);
     };
     queries.live.remove(hash);
+    let started = std::time::Instant::now();
     let live = LiveQuery::hydrate(ast, reader)?;
     request_missing_indexes(reader, &live, wanted);
     let mut rows: QueryRows = HashMap::with_capacity(live.rows().len());
@@ -212,8 +213,18 @@ pub fn evaluate_into(
         let spec = checked_spec(reader, table, row)?;
         rows.insert((table.clone(), key.clone()), (spec, row.clone()));
     }
+    let synced = rows.len();
     queries.live.insert(hash.to_string(), live);
-    Ok(cvr.set_query_rows(hash, rows, at))
+    let changed = cvr.set_query_rows(hash, rows, at);
+    // The engine's side of a hydration (reads, operators, the CVR's rows), the figure
+    // zero-cache logs as "Slow query materialization" under ZERO_LOG_SLOW_HYDRATE_THRESHOLD.
+    tracing::debug!(
+        target: "zcache::hydration",
+        "hydrated {synced} rows of {} for {hash} in {} us",
+        ast.table,
+        started.elapsed().as_micros()
+    );
+    Ok(changed)
 }
 
 /// Brings one hydrated query up to date with `changes` (rows read in the open snapshot)
