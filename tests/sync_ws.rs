@@ -18,7 +18,7 @@ const WAIT: Duration = Duration::from_secs(60);
 struct Server {
     child: Child,
     port: u16,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Drop for Server {
@@ -52,10 +52,14 @@ fn seed(pg: &PgCluster) {
 }
 
 fn start_zcache(pg: &PgCluster) -> Server {
-    start_zcache_at(pg, tempfile::tempdir().expect("tempdir"), free_port())
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = start_zcache_at(pg, dir.path(), free_port());
+    server._dir = Some(dir);
+    server
 }
 
-fn start_zcache_at(pg: &PgCluster, dir: tempfile::TempDir, port: u16) -> Server {
+/// zcache with its replica in `dir` (kept by the caller across restarts).
+fn start_zcache_at(pg: &PgCluster, dir: &std::path::Path, port: u16) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_zcache"))
         .args([
             "--upstream-db",
@@ -66,7 +70,7 @@ fn start_zcache_at(pg: &PgCluster, dir: tempfile::TempDir, port: u16) -> Server 
             "ztest",
         ])
         .arg("--replica-file")
-        .arg(dir.path().join("replica.db"))
+        .arg(dir.join("replica.db"))
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn zcache");
@@ -84,7 +88,7 @@ fn start_zcache_at(pg: &PgCluster, dir: tempfile::TempDir, port: u16) -> Server 
     Server {
         child,
         port,
-        _dir: dir,
+        _dir: None,
     }
 }
 
@@ -404,6 +408,133 @@ fn zero_protocol_over_real_sockets() {
     drop(server);
 }
 
+/// The client view record outlives the process: a client reconnecting with its cookie after
+/// a restart gets only what changed, including what changed while zcache was down.
+#[test]
+fn a_cookie_from_before_a_restart_gets_a_diff() {
+    let pg = PgCluster::start(PgClusterOptions::default()).expect("postgres");
+    seed(&pg);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let server = start_zcache_at(&pg, dir.path(), port);
+    let url = |cookie: &str| {
+        format!("/sync/v51/connect?clientID=c1&clientGroupID=g1&baseCookie={cookie}&ts=1&lmid=0&wsid=w1")
+    };
+    let protocol = sec_protocol(init_with(open_issues_ast()), None);
+    let (mut ws, _) = connect(port, &url(""), &protocol);
+    assert_eq!(next(&mut ws)[0], "connected");
+    let _config = read_poke(&mut ws);
+    let hydrated = read_poke(&mut ws);
+    let window = ids(&hydrated.rows, "issue");
+    assert_eq!(window.len(), 5);
+    pg.psql(
+        "app",
+        &format!(
+            "UPDATE issue SET title = 'live edit' WHERE id = '{}'",
+            window[0]
+        ),
+    )
+    .expect("update");
+    let live = read_poke(&mut ws);
+    assert_eq!(live.rows.len(), 1, "{:?}", live.rows);
+    // Written behind the pokes: wait until the store has the client's cookie.
+    let stored = || {
+        pg.psql(
+            "app",
+            "SELECT version FROM \"ztest_0/zcvr\".instances WHERE \"clientGroupID\" = 'g1'",
+        )
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+    };
+    let deadline = Instant::now() + WAIT;
+    while stored() != live.cookie {
+        assert!(
+            Instant::now() < deadline,
+            "CVR never stored at {}",
+            live.cookie
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(ws);
+    drop(server);
+
+    // While zcache is down: one visible issue edited, one visible comment deleted, and an
+    // issue outside the window edited (nothing to send for it).
+    let gone_comment = sql_ids(
+        &pg,
+        &format!(
+            "SELECT id FROM comment WHERE issue_id = '{}' ORDER BY id LIMIT 1",
+            window[1]
+        ),
+    );
+    pg.psql(
+        "app",
+        &format!(
+            "UPDATE issue SET title = 'edited while down' WHERE id = '{}';
+             DELETE FROM comment WHERE id = '{}';
+             UPDATE issue SET title = 'unseen' WHERE status = 'closed';",
+            window[2], gone_comment[0]
+        ),
+    )
+    .expect("changes while down");
+
+    let _again = start_zcache_at(&pg, dir.path(), port);
+    let (mut ws, _) = connect(port, &url(&live.cookie), &protocol);
+    assert_eq!(next(&mut ws)[0], "connected");
+    // The replicator may still be catching up on what happened while zcache was down, so
+    // the changes may come in the first poke or in the ones right after it.
+    let mut rows = Vec::new();
+    let mut queries = Vec::new();
+    let mut cookie = live.cookie.clone();
+    let deadline = Instant::now() + WAIT;
+    while rows.len() < 2 {
+        assert!(Instant::now() < deadline, "changes never arrived: {rows:?}");
+        let p = read_poke(&mut ws);
+        assert_eq!(p.base, json!(cookie), "pokes chain from the stored cookie");
+        rows.extend(p.rows);
+        queries.extend(p.got.into_iter().chain(p.desired));
+        cookie = p.cookie;
+    }
+    let mut ops: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let id = r.get("value").unwrap_or(&r["id"])["id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let table = r["tableName"].as_str().unwrap_or("");
+            format!("{} {table} {id}", r["op"].as_str().unwrap_or(""))
+        })
+        .collect();
+    ops.sort();
+    assert_eq!(
+        ops,
+        vec![
+            format!("del comment {}", gone_comment[0]),
+            format!("put issue {}", window[2])
+        ],
+        "only what changed while zcache was down, not the view again"
+    );
+    let put = rows.iter().find(|r| r["op"] == "put").expect("put");
+    assert_eq!(put["value"]["title"], "edited while down");
+    assert!(queries.is_empty(), "queries unchanged: {queries:?}");
+    assert!(cookie > live.cookie);
+
+    // And it stays live after the restart.
+    pg.psql(
+        "app",
+        &format!(
+            "UPDATE issue SET title = 'after restart' WHERE id = '{}'",
+            window[3]
+        ),
+    )
+    .expect("update");
+    let after = read_poke(&mut ws);
+    assert_eq!(after.base, json!(cookie));
+    assert_eq!(ids(&after.rows, "issue"), vec![window[3].clone()]);
+}
+
 /// A zcache restarted at once on its port: the connections the last run accepted wait in
 /// TIME_WAIT, and the new listeners must bind anyway (as zero-cache's do).
 #[test]
@@ -411,7 +542,8 @@ fn a_restart_binds_the_port_its_last_run_served_on() {
     let pg = PgCluster::start(PgClusterOptions::default()).expect("postgres");
     seed(&pg);
     let port = free_port();
-    let server = start_zcache_at(&pg, tempfile::tempdir().expect("tempdir"), port);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start_zcache_at(&pg, dir.path(), port);
     let mut streams = Vec::new();
     for _ in 0..4 {
         let mut s = TcpStream::connect(("127.0.0.1", port)).expect("tcp");
@@ -426,7 +558,7 @@ fn a_restart_binds_the_port_its_last_run_served_on() {
     // of these connections are left in TIME_WAIT.
     drop(server);
     drop(streams);
-    let again = start_zcache_at(&pg, tempfile::tempdir().expect("tempdir"), port);
+    let again = start_zcache_at(&pg, dir.path(), port);
     let health = ureq::get(&format!("http://127.0.0.1:{port}/"))
         .call()
         .expect("health after restart");

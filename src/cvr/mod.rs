@@ -5,7 +5,8 @@
 //! than that cookie (cvr-and-view-syncer.md §3.4): the same code serves the live pokes, a
 //! reconnect, and a second client joining the group.
 //!
-//! Pure data: no I/O. Kept in memory on the owning shard (the Postgres copy is issue 5).
+//! Pure data: no I/O. Kept in memory on the owning shard; `persist` turns it into the batches
+//! `store` writes to Postgres, and back.
 
 use crate::protocol::cookie::Version;
 use crate::protocol::down::{PokeBuilder, QueryOp};
@@ -13,6 +14,10 @@ use crate::zql::schema::TableSpec;
 use crate::zql::value::Row;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::rc::Rc;
+
+mod persist;
+pub mod store;
+pub use persist::{row_digest, StoredRow};
 
 /// A row's identity: table name and primary-key JSON object (`{"id":"i1"}`).
 pub type RowKey = (String, String);
@@ -54,8 +59,11 @@ pub struct RowRecord {
     /// How many queries reach the row; 0 = tombstone.
     pub refs: u32,
     pub patch: Version,
-    /// The contents last sent; None for a tombstone.
+    /// The contents last sent; None for a tombstone, and for a live row loaded from the
+    /// store until its query is hydrated again.
     pub contents: Option<(Rc<TableSpec>, Row)>,
+    /// `row_digest` of those contents (what the store keeps instead of them).
+    pub digest: u64,
 }
 
 /// The rows one evaluation of a query reached.
@@ -77,6 +85,10 @@ pub struct Cvr {
     pub lmids: BTreeMap<String, (u64, Version)>,
     /// `{app}_{shard}.mutations` rows: (clientID, mutationID) -> (result JSON or tombstone, patch).
     pub mutation_results: BTreeMap<(String, u64), (Option<String>, Version)>,
+    /// Row records changed since the last `take_flush`.
+    dirty_rows: HashSet<RowKey>,
+    /// The version the store last got (None: never flushed, or a flush failed).
+    flushed_version: Option<Version>,
 }
 
 impl Cvr {
@@ -91,6 +103,8 @@ impl Cvr {
             rows: HashMap::new(),
             lmids: BTreeMap::new(),
             mutation_results: BTreeMap::new(),
+            dirty_rows: HashSet::new(),
+            flushed_version: None,
         }
     }
 
@@ -266,20 +280,29 @@ impl Cvr {
         added: bool,
         at: Version,
     ) -> bool {
+        self.dirty_rows.insert(key.clone());
         let rec = self.rows.entry(key).or_insert(RowRecord {
             refs: 0,
             patch: at,
             contents: None,
+            digest: 0,
         });
+        let was_live = rec.refs > 0;
         if added {
             rec.refs += 1;
         }
         debug_assert!(rec.refs > 0, "a row a query reaches is referenced");
-        let same = matches!(&rec.contents, Some((_, old)) if *old == row);
+        let digest = row_digest(&row);
+        let same = match &rec.contents {
+            Some((_, old)) => *old == row,
+            // Loaded from the store: only the digest of what the client has is known.
+            None => was_live && rec.digest == digest,
+        };
         if !same {
-            rec.contents = Some((spec, row));
             rec.patch = at;
         }
+        rec.contents = Some((spec, row));
+        rec.digest = digest;
         !same
     }
 
@@ -288,6 +311,7 @@ impl Cvr {
             return false;
         };
         debug_assert!(rec.refs > 0);
+        self.dirty_rows.insert(key.clone());
         rec.refs = rec.refs.saturating_sub(1);
         if rec.refs > 0 {
             return false;
@@ -397,6 +421,9 @@ impl Cvr {
             }
             match &rec.contents {
                 Some((spec, row)) => poke.put_row(spec, row),
+                // A live row loaded from the store whose query has not been hydrated again:
+                // nothing to send until it is.
+                None if rec.refs > 0 => {}
                 None if base.is_some() => poke.del_row(table, key),
                 None => {}
             }

@@ -31,6 +31,8 @@ pub enum StartError {
     Upstream(String),
     #[error("invalid upstream URL: {0}")]
     UpstreamUrl(String),
+    #[error("invalid CVR database URL (ZERO_CVR_DB): {0}")]
+    CvrUrl(String),
 }
 
 fn cores() -> usize {
@@ -119,6 +121,10 @@ const LISTEN_BACKLOG: i32 = 1024;
 pub fn run(cfg: Config, upstream_url: String) -> Result<(), StartError> {
     let upstream =
         ConnConfig::parse(&upstream_url).map_err(|e| StartError::UpstreamUrl(e.to_string()))?;
+    let cvr_db = match &cfg.cvr_db {
+        Some(url) => ConnConfig::parse(url).map_err(|e| StartError::CvrUrl(e.to_string()))?,
+        None => upstream.clone(),
+    };
     let addr = listen_addr(cfg.port)?;
     let n = cfg.sync_shard_count(cores());
     let (version_txs, version_rxs): (
@@ -182,6 +188,7 @@ pub fn run(cfg: Config, upstream_url: String) -> Result<(), StartError> {
         let addr = addr.clone();
         let bound_tx = bound_tx.clone();
         let index_requests = index_requests.clone();
+        let cvr_db = cvr_db.clone();
         threads.push(spawn_executor(
             &format!("zcache-sync{id}"),
             &cfg,
@@ -197,6 +204,7 @@ pub fn run(cfg: Config, upstream_url: String) -> Result<(), StartError> {
                     txs,
                     bound_tx,
                     index_requests,
+                    cvr_db,
                 )
                 .await
             },
@@ -232,6 +240,7 @@ async fn run_syncer(
     handoff_txs: Vec<Option<SharedSender<Handoff>>>,
     bound: mpsc::Sender<Result<(), String>>,
     index_requests: std::sync::Arc<crate::sqlite::IndexRequests>,
+    cvr_db: ConnConfig,
 ) {
     let reader = match ReplicaReader::open(&cfg.replica_file) {
         Ok(r) => r,
@@ -240,7 +249,18 @@ async fn run_syncer(
             return;
         }
     };
+    let shard_schema = cfg.shard_schema();
     let shard = Rc::new(Shard::new(id, n, Rc::new(cfg), reader, index_requests));
+    match shards::flush::CvrPersistence::start(cvr_db, &shard_schema).await {
+        Ok(p) => {
+            let _ = shard.cvrs.set(p.clone());
+            glommio::spawn_local(p.flush_forever(shard.clone())).detach();
+        }
+        Err(e) => {
+            let _ = bound.send(Err(format!("syncer {id}: {e}")));
+            return;
+        }
+    }
     // Receivers first, each in its own task: connecting either end waits for the other, and
     // every shard does this at once.
     let senders_slot: Rc<std::cell::OnceCell<Rc<Vec<Option<HandoffSender>>>>> =

@@ -58,7 +58,8 @@ impl GroupQueries {
     pub fn needing_transform(&mut self, cvr: &Cvr) -> Vec<QueryRequest> {
         let mut out = Vec::new();
         for (hash, q) in &cvr.queries {
-            if self.asts.contains_key(hash) || q.got.is_some() || self.failed.contains(hash) {
+            // Got queries without an AST were loaded from the CVR database: transformed again.
+            if self.asts.contains_key(hash) || self.failed.contains(hash) {
                 continue;
             }
             match &q.spec {
@@ -127,12 +128,15 @@ impl GroupQueries {
         self.names.remove(hash);
     }
 
-    /// Desired queries with an AST that are not got yet.
+    /// Queries with an AST that are not got yet, or not hydrated in this process (loaded
+    /// from the CVR database).
     pub fn ungot_with_ast(&self, cvr: &Cvr) -> Vec<String> {
         let mut out: Vec<String> = cvr
             .queries
             .iter()
-            .filter(|(h, q)| q.got.is_none() && self.asts.contains_key(*h))
+            .filter(|(h, q)| {
+                self.asts.contains_key(*h) && (q.got.is_none() || !self.live.contains_key(*h))
+            })
             .map(|(h, _)| h.clone())
             .collect();
         out.sort();

@@ -27,6 +27,10 @@ pub struct Group {
     lock: glommio::sync::Semaphore,
     /// What changed upstream since the group last advanced.
     pending: RefCell<Pending>,
+    /// Where the CVR is kept (None: in memory only).
+    pub persist: RefCell<Option<Rc<super::flush::CvrPersistence>>>,
+    /// Whether the stored record was looked up (once per group and process).
+    loaded: std::cell::Cell<bool>,
 }
 
 pub type GroupResult<T> = Result<T, ProtocolError>;
@@ -45,6 +49,8 @@ impl Group {
             pusher: RefCell::new(None),
             lock: glommio::sync::Semaphore::new(1),
             pending: RefCell::new(Pending::default()),
+            persist: RefCell::new(None),
+            loaded: std::cell::Cell::new(false),
         }
     }
 
@@ -59,6 +65,7 @@ impl Group {
     /// checkClientAndCVRVersions) and replaces any older socket of the same client.
     pub async fn connect(&self, conn: Rc<Conn>) -> GroupResult<()> {
         let _permit = self.locked().await?;
+        self.load_once().await?;
         let cvr = self.cvr.borrow();
         if let Some(base) = conn.cookie.get() {
             if cvr.clients.is_empty() && cvr.version == Version::default() {
@@ -93,6 +100,24 @@ impl Group {
         if let Some(old) = self.conns.borrow_mut().insert(conn.client_id.clone(), conn) {
             old.close_silently();
         }
+        Ok(())
+    }
+
+    /// The first use of the group since this process started: its stored record, if any,
+    /// becomes its CVR. Its queries are transformed and hydrated again by the connection's
+    /// `initConnection`, which also sends the client the diff from its cookie.
+    async fn load_once(&self) -> GroupResult<()> {
+        if self.loaded.get() {
+            return Ok(());
+        }
+        let persist = self.persist.borrow().clone();
+        if let Some(p) = persist {
+            if let Some(cvr) = p.load(&self.id).await? {
+                tracing::debug!(group = %self.id, version = %cvr.version.cookie(), "CVR loaded");
+                *self.cvr.borrow_mut() = cvr;
+            }
+        }
+        self.loaded.set(true);
         Ok(())
     }
 
@@ -353,6 +378,9 @@ impl Group {
     /// Brings every socket of the group to the CVR's version. Sockets at the same cookie
     /// share one encoding of the poke.
     pub fn poke_all(&self) {
+        if let Some(p) = self.persist.borrow().as_ref() {
+            p.mark_dirty(&self.id);
+        }
         let cvr = self.cvr.borrow();
         let to = cvr.version;
         let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();

@@ -3,6 +3,7 @@
 
 pub mod conn;
 pub mod eval;
+pub mod flush;
 pub mod group;
 pub mod pending;
 pub mod push;
@@ -67,6 +68,8 @@ pub struct Shard {
     pub last_version: std::cell::Cell<u64>,
     /// Indexes this shard's queries need, for the replicator to build.
     pub index_requests: std::sync::Arc<crate::sqlite::IndexRequests>,
+    /// The CVR database (set at start-up, before the shard serves).
+    pub cvrs: std::cell::OnceCell<Rc<flush::CvrPersistence>>,
 }
 
 /// FNV-1a: stable across processes and versions, so a group always lands on the same shard.
@@ -98,10 +101,17 @@ impl Shard {
             groups: RefCell::new(HashMap::new()),
             last_version: std::cell::Cell::new(0),
             index_requests,
+            cvrs: std::cell::OnceCell::new(),
         }
     }
 
-    /// The group's state on this shard, created on first use.
+    /// The group, if this shard holds it.
+    pub fn existing_group(&self, id: &str) -> Option<Rc<Group>> {
+        self.groups.borrow().get(id).cloned()
+    }
+
+    /// The group's state on this shard, created on first use (its stored record is loaded
+    /// when its first socket connects).
     pub fn group(&self, id: &str) -> Result<Rc<Group>, ProtocolError> {
         debug_assert_eq!(
             owner_shard(id, self.count),
@@ -119,6 +129,7 @@ impl Shard {
             ));
         }
         let g = Rc::new(Group::new(id));
+        *g.persist.borrow_mut() = self.cvrs.get().cloned();
         groups.insert(id.to_string(), g.clone());
         Ok(g)
     }

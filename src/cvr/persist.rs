@@ -1,0 +1,470 @@
+//! The CVR's stored form: what `store` writes and reads, and the conversions from and to the
+//! in-memory `Cvr`. The stored structs mirror the in-memory ones on purpose, so the database
+//! format changes only when these do.
+
+use super::store::{FlushBatch, Loaded};
+use super::{ClientRecord, Cvr, Desire, QueryRecord, QuerySpec, RowKey, RowRecord};
+use crate::protocol::cookie::Version;
+use crate::zql::value::Row;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+/// One row record as stored: the queries reaching it (empty: a tombstone) and the digest of
+/// the contents last sent (None: a tombstone).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredRow {
+    pub table: String,
+    pub key: String,
+    pub patch: String,
+    pub queries: Vec<String>,
+    pub digest: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredConfig {
+    clients: BTreeMap<String, BTreeMap<String, StoredDesire>>,
+    queries: BTreeMap<String, StoredQuery>,
+    removed_queries: BTreeMap<String, String>,
+    lmids: BTreeMap<String, (u64, String)>,
+    /// ((clientID, mutationID), result JSON or None for a tombstone, patch cookie).
+    mutation_results: Vec<(String, u64, Option<String>, String)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredDesire {
+    active: bool,
+    patch: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredQuery {
+    /// Named: {"name", "args"}; legacy: {"ast"}.
+    name: Option<String>,
+    args: Option<Vec<serde_json::Value>>,
+    ast: Option<serde_json::Value>,
+    got: Option<String>,
+}
+
+/// A stable 64-bit digest of a row's contents (FNV-1a over its JSON), so a restarted zcache
+/// can tell which rows changed since it last sent them without storing their contents.
+pub fn row_digest(row: &Row) -> u64 {
+    let mut json = String::new();
+    for v in row {
+        v.write_json(&mut json);
+        json.push('\u{1}');
+    }
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in json.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+impl Cvr {
+    /// The writes since the last flush, or None when there are none. Marks them flushed:
+    /// a caller whose write fails must call `mark_all_dirty`.
+    pub fn take_flush(&mut self) -> Option<FlushBatch> {
+        if self.flushed_version == Some(self.version) && self.dirty_rows.is_empty() {
+            return None;
+        }
+        let dirty = std::mem::take(&mut self.dirty_rows);
+        let mut reaching: HashMap<&RowKey, Vec<String>> = HashMap::new();
+        for (hash, q) in &self.queries {
+            for key in q.keys.iter().filter(|k| dirty.contains(*k)) {
+                reaching.entry(key).or_default().push(hash.clone());
+            }
+        }
+        let mut rows: Vec<StoredRow> = dirty
+            .iter()
+            .filter_map(|key| {
+                let rec = self.rows.get(key)?;
+                let mut queries = reaching.remove(key).unwrap_or_default();
+                queries.sort();
+                debug_assert_eq!(queries.len(), rec.refs as usize, "refs = queries reaching");
+                Some(StoredRow {
+                    table: key.0.clone(),
+                    key: key.1.clone(),
+                    patch: rec.patch.cookie(),
+                    digest: (rec.refs > 0).then_some(rec.digest),
+                    queries,
+                })
+            })
+            .collect();
+        rows.sort_by(|a, b| (&a.table, &a.key).cmp(&(&b.table, &b.key)));
+        self.flushed_version = Some(self.version);
+        Some(FlushBatch {
+            group: self.id.clone(),
+            version: self.version.cookie(),
+            config: self.stored_config(),
+            rows,
+        })
+    }
+
+    /// Everything is written again at the next flush (after a failed one).
+    pub fn mark_all_dirty(&mut self) {
+        self.flushed_version = None;
+        self.dirty_rows = self.rows.keys().cloned().collect();
+    }
+
+    fn stored_config(&self) -> String {
+        let config = StoredConfig {
+            clients: self
+                .clients
+                .iter()
+                .map(|(id, c)| {
+                    let desires = c
+                        .desired
+                        .iter()
+                        .map(|(h, d)| {
+                            let d = StoredDesire {
+                                active: d.active,
+                                patch: d.patch.cookie(),
+                            };
+                            (h.clone(), d)
+                        })
+                        .collect();
+                    (id.clone(), desires)
+                })
+                .collect(),
+            queries: self
+                .queries
+                .iter()
+                .map(|(h, q)| {
+                    let (name, args, ast) = match &q.spec {
+                        QuerySpec::Named { name, args } => {
+                            (Some(name.clone()), Some(args.clone()), None)
+                        }
+                        QuerySpec::Ast(ast) => (None, None, Some(ast.clone())),
+                    };
+                    let got = q.got.map(|v| v.cookie());
+                    (
+                        h.clone(),
+                        StoredQuery {
+                            name,
+                            args,
+                            ast,
+                            got,
+                        },
+                    )
+                })
+                .collect(),
+            removed_queries: self
+                .removed_queries
+                .iter()
+                .map(|(h, v)| (h.clone(), v.cookie()))
+                .collect(),
+            lmids: self
+                .lmids
+                .iter()
+                .map(|(c, (lmid, v))| (c.clone(), (*lmid, v.cookie())))
+                .collect(),
+            mutation_results: self
+                .mutation_results
+                .iter()
+                .map(|((c, id), (r, v))| (c.clone(), *id, r.clone(), v.cookie()))
+                .collect(),
+        };
+        // Plain maps of strings and numbers: serializing cannot fail.
+        serde_json::to_string(&config).unwrap_or_default()
+    }
+
+    /// The CVR a store held for `id`. Row contents are unknown until the group's queries
+    /// are hydrated again; their digests tell which rows changed meanwhile.
+    pub fn from_stored(id: &str, loaded: Loaded) -> Result<Cvr, String> {
+        let version = cookie(&loaded.version)?;
+        let config: StoredConfig =
+            serde_json::from_str(&loaded.config).map_err(|e| format!("config: {e}"))?;
+        let mut cvr = Cvr::new(id);
+        cvr.version = version;
+        for (client, desires) in config.clients {
+            let mut record = ClientRecord::default();
+            for (hash, d) in desires {
+                let desire = Desire {
+                    active: d.active,
+                    patch: cookie(&d.patch)?,
+                };
+                record.desired.insert(hash, desire);
+            }
+            cvr.clients.insert(client, record);
+        }
+        for (hash, q) in config.queries {
+            let spec = match (q.name, q.ast) {
+                (Some(name), _) => QuerySpec::Named {
+                    name,
+                    args: q.args.unwrap_or_default(),
+                },
+                (None, Some(ast)) => QuerySpec::Ast(ast),
+                (None, None) => return Err(format!("query {hash} has neither name nor ast")),
+            };
+            let got = q.got.as_deref().map(cookie).transpose()?;
+            let record = QueryRecord {
+                spec,
+                got,
+                keys: HashSet::new(),
+            };
+            cvr.queries.insert(hash, record);
+        }
+        for (hash, v) in config.removed_queries {
+            cvr.removed_queries.insert(hash, cookie(&v)?);
+        }
+        for (client, (lmid, v)) in config.lmids {
+            cvr.lmids.insert(client, (lmid, cookie(&v)?));
+        }
+        for (client, mid, result, v) in config.mutation_results {
+            cvr.mutation_results
+                .insert((client, mid), (result, cookie(&v)?));
+        }
+        for r in loaded.rows {
+            let key: RowKey = (r.table, r.key);
+            for hash in &r.queries {
+                let Some(q) = cvr.queries.get_mut(hash) else {
+                    return Err(format!("row {key:?} names unknown query {hash}"));
+                };
+                q.keys.insert(key.clone());
+            }
+            let record = RowRecord {
+                refs: r.queries.len() as u32,
+                patch: cookie(&r.patch)?,
+                contents: None,
+                digest: r.digest.unwrap_or(0),
+            };
+            cvr.rows.insert(key, record);
+        }
+        cvr.flushed_version = Some(cvr.version);
+        Ok(cvr)
+    }
+}
+
+fn cookie(s: &str) -> Result<Version, String> {
+    Version::parse(s).ok_or_else(|| format!("bad version {s:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cvr::QueryRows;
+    use crate::protocol::down::PokeBuilder;
+    use crate::zql::schema::{ColumnKind, ColumnSpec, TableSpec};
+    use crate::zql::value::Value;
+    use std::rc::Rc;
+
+    fn spec() -> Rc<TableSpec> {
+        let col = |name: &str| ColumnSpec {
+            name: name.into(),
+            kind: ColumnKind::String,
+            pg_type_oid: 25,
+        };
+        Rc::new(TableSpec {
+            name: "issue".into(),
+            columns: vec![col("id"), col("title")],
+            primary_key: vec![0],
+        })
+    }
+
+    fn rows(items: &[(&str, &str)]) -> QueryRows {
+        items
+            .iter()
+            .map(|(id, title)| {
+                let key = ("issue".to_string(), format!("{{\"id\":\"{id}\"}}"));
+                let row = vec![Value::Text(id.to_string()), Value::Text(title.to_string())];
+                (key, (spec(), row))
+            })
+            .collect()
+    }
+
+    fn named(name: &str) -> QuerySpec {
+        QuerySpec::Named {
+            name: name.into(),
+            args: vec![serde_json::json!({"n": 1})],
+        }
+    }
+
+    /// Row patches of the poke from `base`, as "op id" strings.
+    fn row_ops(cvr: &Cvr, base: Option<Version>) -> Vec<String> {
+        let mut p = PokeBuilder::new("p", base.map(|b| b.cookie()).as_deref());
+        cvr.write_patches(base, &mut p);
+        let mut ops: Vec<String> = p
+            .finish(&cvr.version.cookie())
+            .iter()
+            .map(|m| serde_json::from_str::<serde_json::Value>(m).expect("json"))
+            .filter(|m| m[0] == "pokePart")
+            .flat_map(|m| m[1]["rowsPatch"].as_array().cloned().unwrap_or_default())
+            .map(|r| {
+                let id = r.get("value").unwrap_or(&r["id"])["id"].to_string();
+                format!("{} {id}", r["op"].as_str().unwrap_or(""))
+            })
+            .collect();
+        ops.sort();
+        ops
+    }
+
+    /// A group with two queries sharing a row, a dropped query, a tombstone, lmids and a
+    /// mutation result, flushed and loaded back.
+    fn stored_and_loaded() -> (Cvr, Cvr, Version) {
+        let mut cvr = Cvr::new("g1");
+        let v1 = cvr.next_config_version();
+        cvr.ensure_client("c1");
+        cvr.put_desired("c1", "q1", named("a"), v1);
+        cvr.put_desired(
+            "c1",
+            "q2",
+            QuerySpec::Ast(serde_json::json!({"table": "issue"})),
+            v1,
+        );
+        cvr.put_desired("c1", "q3", named("b"), v1);
+        cvr.version = v1;
+        let v2 = Version {
+            state: 10,
+            config: 0,
+        };
+        cvr.set_query_rows("q1", rows(&[("i1", "one"), ("i2", "two")]), v2);
+        cvr.set_query_rows("q2", rows(&[("i2", "two"), ("i3", "three")]), v2);
+        cvr.set_query_rows("q3", rows(&[("i4", "four")]), v2);
+        cvr.version = v2;
+        let v3 = cvr.next_config_version();
+        cvr.del_desired("c1", "q3", v3);
+        cvr.remove_query("q3", v3);
+        cvr.set_lmids([("c1".to_string(), 7)].into(), v3);
+        cvr.set_mutation_results(
+            [(("c1".to_string(), 5), "{\"error\":\"app\"}".into())].into(),
+            v3,
+        );
+        cvr.version = v3;
+        let batch = cvr.take_flush().expect("writes");
+        assert!(
+            cvr.take_flush().is_none(),
+            "a second flush has nothing to write"
+        );
+        let loaded = Loaded {
+            version: batch.version,
+            config: batch.config,
+            rows: batch.rows,
+        };
+        let back = Cvr::from_stored("g1", loaded).expect("loads");
+        (cvr, back, v3)
+    }
+
+    #[test]
+    fn a_flushed_cvr_loads_back_with_the_same_records() {
+        let (cvr, back, v3) = stored_and_loaded();
+        assert_eq!(back.version, v3);
+        assert_eq!(back.lmids, cvr.lmids);
+        assert_eq!(back.mutation_results, cvr.mutation_results);
+        assert_eq!(back.removed_queries, cvr.removed_queries);
+        assert_eq!(back.clients.len(), 1);
+        let desired = |c: &Cvr| -> Vec<(String, bool, Version)> {
+            c.clients["c1"]
+                .desired
+                .iter()
+                .map(|(h, d)| (h.clone(), d.active, d.patch))
+                .collect()
+        };
+        assert_eq!(desired(&back), desired(&cvr));
+        for (hash, q) in &cvr.queries {
+            let b = &back.queries[hash];
+            assert_eq!(
+                (&b.spec, b.got, &b.keys),
+                (&q.spec, q.got, &q.keys),
+                "{hash}"
+            );
+        }
+        assert_eq!(back.rows.len(), cvr.rows.len());
+        for (key, r) in &cvr.rows {
+            let b = &back.rows[key];
+            assert_eq!((b.refs, b.patch), (r.refs, r.patch), "{key:?}");
+            if r.refs > 0 {
+                assert_eq!(b.digest, r.digest);
+            }
+        }
+        // Nothing to send from the stored version, and live rows are not deleted while
+        // their contents are unknown.
+        assert!(row_ops(&back, Some(v3)).is_empty());
+        assert_eq!(
+            row_ops(
+                &back,
+                Some(Version {
+                    state: 10,
+                    config: 0
+                })
+            ),
+            vec!["del \"i4\""]
+        );
+    }
+
+    #[test]
+    fn hydrating_again_after_a_load_sends_only_what_changed() {
+        let (_, mut back, v3) = stored_and_loaded();
+        let v4 = Version {
+            state: 20,
+            config: 0,
+        };
+        // i2 changed while zcache was down; i1 left q1; q2 is unchanged.
+        assert!(back.set_query_rows("q1", rows(&[("i2", "two!")]), v4));
+        assert!(!back.set_query_rows("q2", rows(&[("i2", "two!"), ("i3", "three")]), v4));
+        back.version = v4;
+        assert_eq!(row_ops(&back, Some(v3)), vec!["del \"i1\"", "put \"i2\""]);
+        // A client from before everything gets every live row and no tombstones' puts.
+        assert_eq!(row_ops(&back, None), vec!["put \"i2\"", "put \"i3\""]);
+        // The flush after it writes exactly the rows that changed.
+        let batch = back.take_flush().expect("writes");
+        let written: Vec<(&str, &[String])> = batch
+            .rows
+            .iter()
+            .map(|r| (r.key.as_str(), r.queries.as_slice()))
+            .collect();
+        let q2 = ["q2".to_string()];
+        let q12 = ["q1".to_string(), "q2".to_string()];
+        assert_eq!(
+            written,
+            vec![
+                ("{\"id\":\"i1\"}", &[][..]),
+                ("{\"id\":\"i2\"}", &q12[..]),
+                ("{\"id\":\"i3\"}", &q2[..]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_flush_writes_everything_again() {
+        let (mut cvr, _, _) = stored_and_loaded();
+        cvr.mark_all_dirty();
+        let batch = cvr.take_flush().expect("writes");
+        assert_eq!(batch.rows.len(), cvr.rows.len());
+    }
+
+    #[test]
+    fn unreadable_records_are_errors_not_panics() {
+        let bad = |config: &str, version: &str| {
+            Cvr::from_stored(
+                "g",
+                Loaded {
+                    version: version.into(),
+                    config: config.into(),
+                    rows: vec![],
+                },
+            )
+        };
+        assert!(bad("{}", "0a").is_err());
+        assert!(bad("not json", "0a").is_err());
+        let empty =
+            r#"{"clients":{},"queries":{},"removed_queries":{},"lmids":{},"mutation_results":[]}"#;
+        assert!(bad(empty, "0a").is_ok());
+        assert!(bad(empty, "??").is_err());
+        let orphan = Cvr::from_stored(
+            "g",
+            Loaded {
+                version: "0a".into(),
+                config: empty.into(),
+                rows: vec![StoredRow {
+                    table: "issue".into(),
+                    key: "{}".into(),
+                    patch: "0a".into(),
+                    queries: vec!["nope".into()],
+                    digest: Some(1),
+                }],
+            },
+        );
+        assert!(orphan.is_err());
+    }
+}

@@ -1,0 +1,284 @@
+//! Client view records in Postgres (`--cvr-db`, default the upstream database), so that a
+//! client reconnecting with its cookie gets a diff also after zcache restarts.
+//!
+//! zcache keeps its own layout, in schema `"{app}_{shard}/zcvr"` beside zero-cache's
+//! `"{app}_{shard}/cvr"` (zero-protocol.md allows it: only the observable semantics matter):
+//! - `instances`: one row per client group, its version (a cookie) and its configuration
+//!   (clients, desires, queries, query tombstones, lmids, mutation results) as one JSON
+//!   document: small, and always written whole;
+//! - `rows`: one row per row record, with its patch version, the queries that reach it (an
+//!   empty list is a tombstone, kept so that any older cookie can be diffed) and a digest
+//!   of the contents last sent. Contents are never stored: they come from the replica.
+//!
+//! Writes are batches built on the shard (`Cvr::take_flush`) and sent by a background task
+//! (`shards::flush`), off the path that pokes clients.
+
+use super::StoredRow;
+use crate::pgrepl::{ConnConfig, PgConn, PgError, PgStream};
+use std::fmt::Write as _;
+
+/// Row records per INSERT statement: statements stay well under Postgres's message limits.
+pub const ROWS_PER_STATEMENT_MAX: usize = 1_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("CVR database: {0}")]
+    Pg(#[from] PgError),
+    #[error("CVR database: stored record of client group {group} is unreadable: {reason}")]
+    Corrupt { group: String, reason: String },
+    #[error("CVR database: a value holds a NUL character, which Postgres text cannot store")]
+    Nul,
+    #[error("CVR database: the shard's store is closed: {0}")]
+    Closed(String),
+}
+
+/// One client group's writes: its version and configuration, and the row records that
+/// changed since the last flush.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlushBatch {
+    pub group: String,
+    pub version: String,
+    pub config: String,
+    pub rows: Vec<StoredRow>,
+}
+
+/// What `load` found for a client group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    pub version: String,
+    pub config: String,
+    pub rows: Vec<StoredRow>,
+}
+
+pub struct CvrStore {
+    cfg: ConnConfig,
+    schema: String,
+    conn: Option<PgConn<PgStream>>,
+}
+
+impl CvrStore {
+    /// `schema` is the shard schema (`{app}_{shard}`); the store's own is `"{schema}/zcvr"`.
+    pub fn new(cfg: ConnConfig, shard_schema: &str) -> Self {
+        CvrStore {
+            cfg,
+            schema: quote_ident(&format!("{shard_schema}/zcvr")),
+            conn: None,
+        }
+    }
+
+    /// Creates the schema and tables when missing. Run once at start-up, before serving.
+    pub async fn migrate(&mut self) -> Result<(), StoreError> {
+        let s = &self.schema;
+        // One implicit transaction; the lock keeps shards migrating at once from racing
+        // on CREATE SCHEMA's catalog row.
+        let sql = format!(
+            "SELECT pg_advisory_xact_lock(hashtext('zcache cvr migration'));
+             CREATE SCHEMA IF NOT EXISTS {s};
+             CREATE TABLE IF NOT EXISTS {s}.instances (
+               \"clientGroupID\" TEXT PRIMARY KEY,
+               version TEXT NOT NULL,
+               config JSONB NOT NULL,
+               \"lastActive\" TIMESTAMPTZ NOT NULL DEFAULT now());
+             CREATE TABLE IF NOT EXISTS {s}.rows (
+               \"clientGroupID\" TEXT NOT NULL,
+               \"table\" TEXT NOT NULL,
+               \"rowKey\" TEXT NOT NULL,
+               \"patchVersion\" TEXT NOT NULL,
+               queries JSONB NOT NULL,
+               digest BIGINT,
+               PRIMARY KEY (\"clientGroupID\", \"table\", \"rowKey\"));"
+        );
+        self.run(&sql).await.map(drop)
+    }
+
+    /// The stored record of `group`, or None for a group this database never saw.
+    pub async fn load(&mut self, group: &str) -> Result<Option<Loaded>, StoreError> {
+        let s = &self.schema;
+        let g = literal(group)?;
+        let sql = format!(
+            "SELECT version, config::text FROM {s}.instances WHERE \"clientGroupID\" = {g};
+             SELECT \"table\", \"rowKey\", \"patchVersion\", queries::text, digest
+               FROM {s}.rows WHERE \"clientGroupID\" = {g};"
+        );
+        let mut results = self.run(&sql).await?.into_iter();
+        let (Some(instance), Some(rows)) = (results.next(), results.next()) else {
+            return Err(corrupt(
+                group,
+                "the load returned fewer results than statements",
+            ));
+        };
+        let Some(first) = instance.rows.into_iter().next() else {
+            return Ok(None);
+        };
+        let [Some(version), Some(config)] = <[Option<String>; 2]>::try_from(first)
+            .map_err(|_| corrupt(group, "instance row of the wrong width"))?
+        else {
+            return Err(corrupt(group, "instance row with nulls"));
+        };
+        let rows = rows
+            .rows
+            .into_iter()
+            .map(|r| stored_row(group, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(Loaded {
+            version,
+            config,
+            rows,
+        }))
+    }
+
+    /// Writes batches in one transaction (a multi-statement simple query is one implicit
+    /// transaction): a crash leaves every group either before or after its batch.
+    pub async fn flush(&mut self, batches: &[FlushBatch]) -> Result<(), StoreError> {
+        let mut sql = String::new();
+        for b in batches {
+            write_batch(&self.schema, b, &mut sql)?;
+        }
+        if sql.is_empty() {
+            return Ok(());
+        }
+        self.run(&sql).await.map(drop)
+    }
+
+    /// Runs `sql` on the store's connection, connecting first when there is none; a failed
+    /// connection is dropped so the next call starts afresh.
+    async fn run(&mut self, sql: &str) -> Result<Vec<crate::pgrepl::QueryResult>, StoreError> {
+        if self.conn.is_none() {
+            let mut conn = crate::pgrepl::connect(&self.cfg, false).await?;
+            // Literals below double their quotes and nothing else.
+            conn.execute("SET standard_conforming_strings = on").await?;
+            self.conn = Some(conn);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            unreachable!("connected just above");
+        };
+        match conn.simple_query(sql).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                if e.code().is_none() {
+                    self.conn = None;
+                }
+                Err(e.into())
+            }
+        }
+    }
+}
+
+fn write_batch(schema: &str, b: &FlushBatch, sql: &mut String) -> Result<(), StoreError> {
+    let g = literal(&b.group)?;
+    let _ = write!(
+        sql,
+        "INSERT INTO {schema}.instances VALUES ({g}, {}, {}::jsonb, now())
+           ON CONFLICT (\"clientGroupID\") DO UPDATE SET version = EXCLUDED.version,
+             config = EXCLUDED.config, \"lastActive\" = EXCLUDED.\"lastActive\";",
+        literal(&b.version)?,
+        literal(&b.config)?,
+    );
+    for chunk in b.rows.chunks(ROWS_PER_STATEMENT_MAX) {
+        let _ = write!(sql, "INSERT INTO {schema}.rows VALUES ");
+        for (i, r) in chunk.iter().enumerate() {
+            let digest = r
+                .digest
+                .map_or("NULL".to_string(), |d| (d as i64).to_string());
+            let _ = write!(
+                sql,
+                "{}({g}, {}, {}, {}, {}::jsonb, {digest})",
+                if i == 0 { "" } else { "," },
+                literal(&r.table)?,
+                literal(&r.key)?,
+                literal(&r.patch)?,
+                literal(&serde_json::to_string(&r.queries).unwrap_or_else(|_| "[]".into()))?,
+            );
+        }
+        let _ = write!(
+            sql,
+            " ON CONFLICT (\"clientGroupID\", \"table\", \"rowKey\") DO UPDATE SET
+               \"patchVersion\" = EXCLUDED.\"patchVersion\", queries = EXCLUDED.queries,
+               digest = EXCLUDED.digest;"
+        );
+    }
+    Ok(())
+}
+
+fn stored_row(group: &str, r: Vec<Option<String>>) -> Result<StoredRow, StoreError> {
+    let [Some(table), Some(key), Some(patch), Some(queries), digest] =
+        <[Option<String>; 5]>::try_from(r).map_err(|_| corrupt(group, "row of the wrong width"))?
+    else {
+        return Err(corrupt(group, "row record with nulls"));
+    };
+    let queries: Vec<String> =
+        serde_json::from_str(&queries).map_err(|e| corrupt(group, &format!("row queries: {e}")))?;
+    let digest = match digest {
+        Some(d) => Some(
+            d.parse::<i64>()
+                .map_err(|e| corrupt(group, &format!("row digest: {e}")))? as u64,
+        ),
+        None => None,
+    };
+    Ok(StoredRow {
+        table,
+        key,
+        patch,
+        queries,
+        digest,
+    })
+}
+
+fn corrupt(group: &str, reason: &str) -> StoreError {
+    StoreError::Corrupt {
+        group: group.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// A SQL string literal (standard_conforming_strings on: only quotes are special).
+fn literal(s: &str) -> Result<String, StoreError> {
+    if s.contains('\0') {
+        return Err(StoreError::Nul);
+    }
+    Ok(format!("'{}'", s.replace('\'', "''")))
+}
+
+fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_double_quotes_and_refuse_nul() {
+        assert_eq!(literal("it's").ok().as_deref(), Some("'it''s'"));
+        assert!(matches!(literal("a\0b"), Err(StoreError::Nul)));
+        assert_eq!(quote_ident("z_0/zcvr"), "\"z_0/zcvr\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+
+    #[test]
+    fn a_batch_is_one_instance_upsert_and_chunked_row_upserts() {
+        let rows: Vec<StoredRow> = (0..(ROWS_PER_STATEMENT_MAX + 1))
+            .map(|i| StoredRow {
+                table: "issue".into(),
+                key: format!("{{\"id\":\"i{i}\"}}"),
+                patch: "0a".into(),
+                queries: vec!["q1".into()],
+                digest: if i == 0 { None } else { Some(u64::MAX) },
+            })
+            .collect();
+        let b = FlushBatch {
+            group: "g'1".into(),
+            version: "0a:01".into(),
+            config: "{}".into(),
+            rows,
+        };
+        let mut sql = String::new();
+        write_batch("\"s\"", &b, &mut sql).expect("batch");
+        assert_eq!(sql.matches("INSERT INTO \"s\".instances").count(), 1);
+        assert_eq!(sql.matches("INSERT INTO \"s\".rows").count(), 2);
+        assert!(sql.contains("'g''1'"));
+        // u64 digests go through BIGINT as their two's complement.
+        assert!(sql.contains(", -1)"));
+        assert!(sql.contains(", NULL)"));
+    }
+}

@@ -1,0 +1,176 @@
+//! A shard's link to the CVR database: it loads a client group's record the first time the
+//! group is used after a start, and writes changed records in the background.
+//!
+//! Groups that changed are marked dirty (`mark_dirty`, from every poke); one task per shard
+//! takes their batches (`Cvr::take_flush`, cheap and synchronous) and writes them together in
+//! one transaction, so pokes never wait for Postgres. A failed write marks the groups' whole
+//! records dirty again and is retried with backoff; the CVR in memory stays authoritative.
+
+use super::Shard;
+use crate::cvr::store::{CvrStore, FlushBatch, Loaded, StoreError};
+use crate::cvr::Cvr;
+use crate::pgrepl::ConnConfig;
+use crate::protocol::{ErrorKind, ProtocolError};
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Client groups written in one transaction; more wait for the next round.
+pub const FLUSH_GROUPS_PER_TRANSACTION_MAX: usize = 256;
+/// Backoff after a failed write, doubling up to the max.
+const FLUSH_RETRY_MS_MIN: u64 = 100;
+const FLUSH_RETRY_MS_MAX: u64 = 5_000;
+
+pub struct CvrPersistence {
+    cfg: ConnConfig,
+    shard_schema: String,
+    /// Taken out while in use (under `lock`), so no RefCell borrow spans an await.
+    store: RefCell<Option<CvrStore>>,
+    lock: glommio::sync::Semaphore,
+    /// Groups with writes not yet sent. Bounded by the shard's groups.
+    dirty: RefCell<BTreeSet<String>>,
+    wake: LocalSender<()>,
+    woken: RefCell<Option<LocalReceiver<()>>>,
+}
+
+impl CvrPersistence {
+    /// Connects to the CVR database and creates zcache's tables there when missing.
+    pub async fn start(cfg: ConnConfig, shard_schema: &str) -> Result<Rc<Self>, StoreError> {
+        let mut store = CvrStore::new(cfg.clone(), shard_schema);
+        store.migrate().await?;
+        // Capacity 1: a wake-up already queued covers every mark made before it is taken.
+        let (wake, woken) = local_channel::new_bounded(1);
+        Ok(Rc::new(CvrPersistence {
+            cfg,
+            shard_schema: shard_schema.to_string(),
+            store: RefCell::new(Some(store)),
+            lock: glommio::sync::Semaphore::new(1),
+            dirty: RefCell::new(BTreeSet::new()),
+            wake,
+            woken: RefCell::new(Some(woken)),
+        }))
+    }
+
+    /// The stored record of `group`, or None for a group the database never saw.
+    pub async fn load(&self, group: &str) -> Result<Option<Cvr>, ProtocolError> {
+        let loaded = self.load_stored(group).await;
+        let loaded = loaded.map_err(|e| internal(&e.to_string()))?;
+        match loaded {
+            None => Ok(None),
+            Some(l) => Cvr::from_stored(group, l)
+                .map(Some)
+                .map_err(|e| internal(&format!("stored CVR of {group}: {e}"))),
+        }
+    }
+
+    pub fn mark_dirty(&self, group: &str) {
+        if self.dirty.borrow_mut().insert(group.to_string()) {
+            let _ = self.wake.try_send(());
+        }
+    }
+
+    /// Writes dirty groups until the shard stops. Run once per shard.
+    pub async fn flush_forever(self: Rc<Self>, shard: Rc<Shard>) {
+        let Some(woken) = self.woken.borrow_mut().take() else {
+            return;
+        };
+        let mut retry_ms = FLUSH_RETRY_MS_MIN;
+        while woken.recv().await.is_some() {
+            while !self.dirty.borrow().is_empty() {
+                match self.flush_some(&shard).await {
+                    Ok(()) => retry_ms = FLUSH_RETRY_MS_MIN,
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_ms, "CVR write failed; retrying");
+                        glommio::timer::sleep(Duration::from_millis(retry_ms)).await;
+                        retry_ms = (retry_ms * 2).min(FLUSH_RETRY_MS_MAX);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes every dirty group now (at shutdown). Gives up after `attempts` failures.
+    pub async fn flush_all(&self, shard: &Shard, attempts: usize) -> Result<(), StoreError> {
+        let mut failures = 0;
+        while !self.dirty.borrow().is_empty() {
+            if let Err(e) = self.flush_some(shard).await {
+                failures += 1;
+                if failures >= attempts {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One transaction of up to FLUSH_GROUPS_PER_TRANSACTION_MAX groups.
+    async fn flush_some(&self, shard: &Shard) -> Result<(), StoreError> {
+        let ids: Vec<String> = {
+            let mut dirty = self.dirty.borrow_mut();
+            let ids: Vec<String> = dirty
+                .iter()
+                .take(FLUSH_GROUPS_PER_TRANSACTION_MAX)
+                .cloned()
+                .collect();
+            ids.iter().for_each(|id| {
+                dirty.remove(id);
+            });
+            ids
+        };
+        let groups: Vec<_> = ids
+            .iter()
+            .filter_map(|id| shard.existing_group(id))
+            .collect();
+        let batches: Vec<_> = groups
+            .iter()
+            .filter_map(|g| g.cvr.borrow_mut().take_flush())
+            .collect();
+        if batches.is_empty() {
+            return Ok(());
+        }
+        let result = self.write(&batches).await;
+        if result.is_err() {
+            for g in &groups {
+                g.cvr.borrow_mut().mark_all_dirty();
+                self.dirty.borrow_mut().insert(g.id.clone());
+            }
+        }
+        result
+    }
+
+    /// The store, taken out under the lock (a fresh one when a cancelled call dropped it).
+    async fn take_store(&self) -> Result<(glommio::sync::Permit<'_>, CvrStore), StoreError> {
+        let permit = self
+            .lock
+            .acquire_permit(1)
+            .await
+            .map_err(|e| StoreError::Closed(e.to_string()))?;
+        let store = self.store.borrow_mut().take();
+        let store = store.unwrap_or_else(|| CvrStore::new(self.cfg.clone(), &self.shard_schema));
+        Ok((permit, store))
+    }
+
+    fn put_store(&self, store: CvrStore) {
+        *self.store.borrow_mut() = Some(store);
+    }
+
+    async fn load_stored(&self, group: &str) -> Result<Option<Loaded>, StoreError> {
+        let (_permit, mut store) = self.take_store().await?;
+        let result = store.load(group).await;
+        self.put_store(store);
+        result
+    }
+
+    async fn write(&self, batches: &[FlushBatch]) -> Result<(), StoreError> {
+        let (_permit, mut store) = self.take_store().await?;
+        let result = store.flush(batches).await;
+        self.put_store(store);
+        result
+    }
+}
+
+fn internal(message: &str) -> ProtocolError {
+    ProtocolError::new(ErrorKind::Internal, message.to_string())
+}
