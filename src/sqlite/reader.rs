@@ -48,6 +48,14 @@ impl ReplicaReader {
         Ok(())
     }
 
+    /// Every replicated table, by the name the client uses.
+    pub fn table_specs(&self) -> std::collections::BTreeMap<String, Rc<TableSpec>> {
+        self.tables
+            .iter()
+            .map(|(name, spec)| (name.clone(), spec.clone()))
+            .collect()
+    }
+
     pub fn table_spec(&self, name: &str) -> Option<Rc<TableSpec>> {
         self.tables.get(name).cloned()
     }
