@@ -42,15 +42,32 @@ fn main() {
     };
     let on_signal = embedded.clone();
     let _ = ctrlc::set_handler(move || {
-        if let Some(mut c) = on_signal.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            c.stop();
+        if zcache::reactor::stop::requested() {
+            return; // a second signal while draining changes nothing
         }
-        std::process::exit(0);
+        eprintln!("zcache: stopping: closing sockets, writing client view records");
+        zcache::reactor::stop::request();
+        // A drain that hangs (a CVR database that does not answer) must not keep the
+        // process alive forever.
+        let on_signal = on_signal.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(SHUTDOWN_DEADLINE_MS));
+            eprintln!("zcache: shutdown took over {SHUTDOWN_DEADLINE_MS} ms; exiting");
+            if let Some(mut c) = on_signal.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                c.stop();
+            }
+            std::process::exit(1);
+        });
     });
-    if let Err(e) = zcache::reactor::run(cfg, upstream) {
-        if let Some(mut c) = embedded.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            c.stop();
-        }
-        fail(e);
+    let result = zcache::reactor::run(cfg, upstream);
+    if let Some(mut c) = embedded.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        c.stop();
+    }
+    match result {
+        Ok(()) => eprintln!("zcache: stopped"),
+        Err(e) => fail(e),
     }
 }
+
+/// How long a graceful shutdown may take before the process exits anyway (status 1).
+const SHUTDOWN_DEADLINE_MS: u64 = 10_000;

@@ -535,6 +535,95 @@ fn a_cookie_from_before_a_restart_gets_a_diff() {
     assert_eq!(ids(&after.rows, "issue"), vec![window[3].clone()]);
 }
 
+/// SIGTERM with a client connected: the socket is closed as "going away", the CVR is written,
+/// the last LSN is confirmed, the process exits 0, and the client's cookie works after a
+/// restart.
+#[test]
+fn sigterm_drains_and_exits_cleanly() {
+    let pg = PgCluster::start(PgClusterOptions::default()).expect("postgres");
+    seed(&pg);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut server = start_zcache_at(&pg, dir.path(), port);
+    let url = |cookie: &str| {
+        format!("/sync/v51/connect?clientID=c1&clientGroupID=g1&baseCookie={cookie}&ts=1&lmid=0&wsid=w1")
+    };
+    let protocol = sec_protocol(init_with(open_issues_ast()), None);
+    let (mut ws, _) = connect(port, &url(""), &protocol);
+    assert_eq!(next(&mut ws)[0], "connected");
+    let _config = read_poke(&mut ws);
+    let hydrated = read_poke(&mut ws);
+    let window = ids(&hydrated.rows, "issue");
+    pg.psql(
+        "app",
+        &format!("UPDATE issue SET title = 'last' WHERE id = '{}'", window[0]),
+    )
+    .expect("update");
+    let last = read_poke(&mut ws);
+    let commit_lsn = pg
+        .psql("app", "SELECT pg_current_wal_insert_lsn()")
+        .expect("lsn");
+
+    let pid = server.child.id() as libc::pid_t;
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let close = loop {
+        match ws.read() {
+            Ok(Message::Close(frame)) => break frame,
+            Ok(_) => continue,
+            Err(e) => panic!("socket ended without a close frame: {e}"),
+        }
+    };
+    let close = close.expect("a close frame with a code");
+    assert_eq!(u16::from(close.code), 1001, "going away");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "zcache did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status {status}");
+    let stored = pg
+        .psql(
+            "app",
+            "SELECT version FROM \"ztest_0/zcvr\".instances WHERE \"clientGroupID\" = 'g1'",
+        )
+        .expect("stored");
+    assert_eq!(
+        stored.trim(),
+        last.cookie,
+        "the CVR was written before exiting"
+    );
+    let behind = pg
+        .psql(
+            "app",
+            &format!(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'ztest%' \
+                 AND confirmed_flush_lsn < '{}'::pg_lsn",
+                commit_lsn.trim()
+            ),
+        )
+        .expect("slots");
+    assert_eq!(behind.trim(), "0", "the last applied LSN is confirmed");
+    drop(server);
+
+    let _again = start_zcache_at(&pg, dir.path(), port);
+    let (mut ws, _) = connect(port, &url(&last.cookie), &protocol);
+    assert_eq!(next(&mut ws)[0], "connected");
+    let resumed = read_poke(&mut ws);
+    assert_eq!(resumed.base, json!(last.cookie));
+    assert!(
+        resumed.rows.is_empty(),
+        "nothing changed: {:?}",
+        resumed.rows
+    );
+}
+
 /// A zcache restarted at once on its port: the connections the last run accepted wait in
 /// TIME_WAIT, and the new listeners must bind anyway (as zero-cache's do).
 #[test]

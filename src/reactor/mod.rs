@@ -2,6 +2,8 @@
 //! serves clients. Shards share nothing mutable; they talk over glommio's SPSC channels:
 //! replication -> every syncer (committed versions), syncer -> syncer (socket handoff).
 
+pub mod stop;
+
 use crate::config::Config;
 use crate::pgrepl::ConnConfig;
 use crate::replicator;
@@ -311,8 +313,14 @@ async fn run_syncer(
     };
     let _ = bound.send(Ok(()));
     loop {
-        match listener.accept().await {
-            Ok(stream) => {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            stop::requested_async().await;
+            None
+        })
+        .await;
+        match accepted {
+            None => break,
+            Some(Ok(stream)) => {
                 glommio::spawn_local(shards::route(
                     shard.clone(),
                     stream,
@@ -321,10 +329,12 @@ async fn run_syncer(
                 ))
                 .detach();
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 tracing::warn!(error = %e, "accept failed");
                 glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
             }
         }
     }
+    drop(listener);
+    shard.drain().await;
 }

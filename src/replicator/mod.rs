@@ -240,6 +240,10 @@ pub async fn stream_forever(
             Err(e) => e,
         };
         let _ = prepared.replica.rollback();
+        if crate::reactor::stop::requested() {
+            tracing::warn!(error = %e, "replication stopped by shutdown after an error");
+            return;
+        }
         if streamed {
             // It was working: a new failure starts a new series of retries.
             backoff_ms = RECONNECT_BACKOFF_MS_MIN;
@@ -386,13 +390,28 @@ async fn stream(
         if !applier.in_transaction() {
             build_requested_indexes(&p.replica, index_requests);
         }
-        let wait = status_due.saturating_duration_since(Instant::now());
+        if crate::reactor::stop::requested() && !applier.in_transaction() {
+            // Shutdown: everything applied is durable in the replica; confirm it and end.
+            confirmed = record_idle_end(&p.replica, &applier, idle_end, confirmed)?;
+            stream
+                .send_status(confirmed, confirmed, confirmed, false)
+                .await?;
+            tracing::info!(lsn = %confirmed, "replication stopped, last LSN confirmed");
+            return Ok(());
+        }
+        // Never longer than the stop poll, so a shutdown is noticed between messages too.
+        let wait = status_due
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(crate::reactor::stop::STOP_POLL_MS));
         let tick = async {
             glommio::timer::sleep(wait).await;
             None
         };
         let event = futures_lite::future::or(async { Some(stream.recv().await) }, tick).await;
         let Some(event) = event else {
+            if Instant::now() < status_due {
+                continue;
+            }
             confirmed = record_idle_end(&p.replica, &applier, idle_end, confirmed)?;
             stream
                 .send_status(confirmed, confirmed, confirmed, false)

@@ -74,6 +74,13 @@ impl Conn {
     }
 
     /// Closes without an error frame (a newer socket of the same client took over).
+    /// The server is going away (shutdown): WebSocket close 1001, which the client answers
+    /// by reconnecting with backoff.
+    pub fn close_going_away(&self) {
+        self.enqueue(Outbound::Close(close_frame(1001, "server shutting down")));
+        self.closed.set(true);
+    }
+
     pub fn close_silently(&self) {
         self.enqueue(Outbound::Close(close_frame(1000, "")));
         self.closed.set(true);

@@ -1,6 +1,7 @@
 //! A syncer shard: owns the client groups whose clientGroupID hashes to it, a read
 //! connection on the replica, and the sockets of its groups' clients.
 
+pub mod client_schema;
 pub mod conn;
 pub mod eval;
 pub mod flush;
@@ -20,6 +21,11 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::rc::Rc;
+
+/// Tries at writing the CVRs at shutdown before giving up (each failure is logged).
+const DRAIN_FLUSH_ATTEMPTS_MAX: usize = 3;
+/// Time the socket writers get to send their close frames before the shard ends.
+const DRAIN_CLOSE_WAIT_MS: u64 = 100;
 
 /// Client groups one shard keeps; a new group past it is refused with ServerOverloaded.
 pub const CLIENT_GROUPS_PER_SHARD_MAX: usize = 100_000;
@@ -132,6 +138,28 @@ impl Shard {
         *g.persist.borrow_mut() = self.cvrs.get().cloned();
         groups.insert(id.to_string(), g.clone());
         Ok(g)
+    }
+
+    /// At shutdown: every socket closed as "going away", then every CVR written.
+    pub async fn drain(&self) {
+        let groups: Vec<Rc<Group>> = self.groups.borrow().values().cloned().collect();
+        let mut sockets = 0;
+        for g in &groups {
+            for c in g.conns.borrow().values() {
+                c.close_going_away();
+                sockets += 1;
+            }
+        }
+        // The writers send the close frames while the CVRs are written.
+        let written = match self.cvrs.get() {
+            Some(p) => p.flush_all(self, DRAIN_FLUSH_ATTEMPTS_MAX).await,
+            None => Ok(()),
+        };
+        glommio::timer::sleep(std::time::Duration::from_millis(DRAIN_CLOSE_WAIT_MS)).await;
+        match written {
+            Ok(()) => tracing::info!(shard = self.id, sockets, "shard drained, CVRs written"),
+            Err(e) => tracing::error!(shard = self.id, error = %e, "CVRs not written at shutdown"),
+        }
     }
 
     /// A new replica version: every group that reads a changed table advances.
