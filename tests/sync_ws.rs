@@ -625,7 +625,8 @@ fn sigterm_drains_and_exits_cleanly() {
 }
 
 /// A zcache restarted at once on its port: the connections the last run accepted wait in
-/// TIME_WAIT, and the new listeners must bind anyway (as zero-cache's do).
+/// TIME_WAIT, the killed process's listeners linger until its io_uring instances are torn
+/// down, and the new listeners must bind anyway (as zero-cache's do).
 #[test]
 fn a_restart_binds_the_port_its_last_run_served_on() {
     let pg = PgCluster::start(PgClusterOptions::default()).expect("postgres");

@@ -82,7 +82,26 @@ where
 }
 
 /// The address every syncer binds: dual-stack `[::]`, or IPv4 where IPv6 is off.
+///
+/// A port still held is tried again for up to `PORT_BUSY_WAIT_MS`: a zcache killed just
+/// before (a restart) keeps its listeners for a moment after it is reaped, until the kernel
+/// has torn down its io_uring instances. Another process on the port is reported after that.
 fn listen_addr(port: u16) -> Result<String, StartError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(PORT_BUSY_WAIT_MS);
+    loop {
+        match probe_port(port) {
+            Err(StartError::PortInUse(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(PORT_BUSY_RETRY_MS));
+            }
+            result => return result,
+        }
+    }
+}
+
+const PORT_BUSY_WAIT_MS: u64 = 2_000;
+const PORT_BUSY_RETRY_MS: u64 = 50;
+
+fn probe_port(port: u16) -> Result<String, StartError> {
     for addr in [format!("[::]:{port}"), format!("0.0.0.0:{port}")] {
         // Without SO_REUSEPORT (the syncers' listeners set it), so another process on the
         // port shows; with SO_REUSEADDR, so the previous run's TIME_WAIT connections do not.
