@@ -34,15 +34,113 @@ pub enum QuerySpec {
     Ast(serde_json::Value),
 }
 
-#[derive(Debug, Clone)]
+/// TTL of a desired query whose `put` names none (zero-cache's DEFAULT_TTL_MS, 5 min).
+pub const TTL_DEFAULT_MS: u64 = 5 * 60 * 1000;
+/// Longest TTL kept (MAX_TTL_MS, 10 min); longer and "forever" (negative) TTLs become it.
+pub const TTL_MAX_MS: u64 = 10 * 60 * 1000;
+
+/// A TTL as the client sent it: `ttl` ms, absent = default, negative or infinite = forever
+/// (zero-cache's parseTTL; NaN counts as 0). Forever is `None`.
+pub fn parse_ttl(ttl: Option<f64>) -> Option<f64> {
+    match ttl {
+        None => Some(TTL_DEFAULT_MS as f64),
+        Some(t) if t.is_nan() => Some(0.0),
+        Some(t) if t < 0.0 || !t.is_finite() => None,
+        Some(t) => Some(t),
+    }
+}
+
+/// The TTL stored for a desire: [0, 10 min], forever = 10 min (clampTTL).
+pub fn clamp_ttl(ttl: Option<f64>) -> u64 {
+    match parse_ttl(ttl) {
+        Some(t) if t <= TTL_MAX_MS as f64 => t as u64,
+        _ => TTL_MAX_MS,
+    }
+}
+
+/// Whether a repeated `put` raises the TTL: the *unclamped* incoming value against the stored
+/// one, forever longest (compareTTL > 0). So a client that keeps asking for more than the
+/// maximum bumps the version on every put, as zero-cache's clients see it.
+pub fn ttl_raises(incoming: Option<f64>, stored_ms: u64) -> bool {
+    match parse_ttl(incoming) {
+        None => true,
+        Some(t) => t > stored_ms as f64,
+    }
+}
+
+/// The eviction timer's delay from the TTL clock to the next expiry: 50 ms of hysteresis so
+/// queries expiring close together go in one poke, at least 50 ms, at most 10 min
+/// (#scheduleExpireEviction).
+pub fn eviction_delay_ms(next_expiry_ms: u64, ttl_clock_ms: u64) -> u64 {
+    let delay = next_expiry_ms.saturating_sub(ttl_clock_ms) + EVICTION_HYSTERESIS_MS;
+    delay.clamp(EVICTION_HYSTERESIS_MS, TTL_MAX_MS)
+}
+
+/// TTL_TIMER_HYSTERESIS.
+pub const EVICTION_HYSTERESIS_MS: u64 = 50;
+
+/// Version <-> cookie string, the form the CVR tables store (`patchVersion TEXT`).
+mod version_cookie {
+    use crate::protocol::cookie::Version;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &Version, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&v.cookie())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Version, D::Error> {
+        let text = String::deserialize(d)?;
+        Version::parse(&text)
+            .ok_or_else(|| serde::de::Error::custom(format!("not a CVR version: {text:?}")))
+    }
+}
+
+fn ttl_default_ms() -> u64 {
+    TTL_DEFAULT_MS
+}
+
+/// One client's desire for one query (zero-cache's `desires` row / query `clientState`).
+/// Active: neither inactivated nor removed. Inactivated: dropped by a `del` or a client
+/// deletion, kept alive by its TTL. Removed: cleared, or its query is gone; kept only as a
+/// tombstone so a client catching up from an older cookie still gets the desired `del`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Desire {
-    pub active: bool,
+    /// TTL clock (ms) at which the client stopped desiring the query.
+    #[serde(default)]
+    pub inactivated_at: Option<u64>,
+    /// Clamped TTL, ms.
+    #[serde(default = "ttl_default_ms")]
+    pub ttl_ms: u64,
+    /// No longer part of the query's client state.
+    #[serde(default)]
+    pub removed: bool,
+    /// Version of the desire's last change.
+    #[serde(with = "version_cookie")]
     pub patch: Version,
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct ClientRecord {
-    pub desired: BTreeMap<String, Desire>,
+impl Desire {
+    pub fn is_active(&self) -> bool {
+        self.inactivated_at.is_none() && !self.removed
+    }
+
+    /// TTL clock value at which this inactivated desire stops keeping its query.
+    fn expires_at(&self) -> Option<u64> {
+        self.inactivated_at.map(|at| at.saturating_add(self.ttl_ms))
+    }
+}
+
+/// A client of the group. Its desires live in `Cvr::desires`, which outlives the record:
+/// a deleted client's inactivated desires keep their queries until the TTL runs out.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ClientRecord {}
+
+/// How a query's client states stand: any active desire keeps it; otherwise it expires at
+/// the latest `inactivatedAt + ttl` (now, when no client state is left).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Liveness {
+    Desired,
+    Inactive { expires_at: Option<u64> },
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +175,11 @@ pub struct Cvr {
     pub id: String,
     pub version: Version,
     pub clients: BTreeMap<String, ClientRecord>,
+    /// clientID -> queryID -> desire, including the desires of deleted clients.
+    pub desires: BTreeMap<String, BTreeMap<String, Desire>>,
+    /// Milliseconds of connected time (zero-cache's ttlClock): runs only while a client of
+    /// the group is connected; inactivation times and expiries are on this clock.
+    pub ttl_clock_ms: u64,
     pub queries: HashMap<String, QueryRecord>,
     /// Got-query tombstones: hash -> version at which it stopped being got.
     pub removed_queries: HashMap<String, Version>,
@@ -98,6 +201,8 @@ impl Cvr {
             id: id.to_string(),
             version: Version::default(),
             clients: BTreeMap::new(),
+            desires: BTreeMap::new(),
+            ttl_clock_ms: 0,
             queries: HashMap::new(),
             removed_queries: HashMap::new(),
             rows: HashMap::new(),
@@ -134,25 +239,45 @@ impl Cvr {
         true
     }
 
-    /// Records a desired-query put; true if anything changed.
+    /// Moves the TTL clock forward by `ms` of connected time.
+    pub fn advance_ttl_clock(&mut self, ms: u64) {
+        self.ttl_clock_ms = self.ttl_clock_ms.saturating_add(ms);
+    }
+
+    /// Records a desired-query put with the client's `ttl`. It matters (true: the version
+    /// bumps and the desired `put` is echoed) when the query is new to the client, was
+    /// inactivated or cleared (reactivation: no rehydration if it is still got), or when the
+    /// put raises the TTL; a repeated put otherwise changes nothing.
     pub fn put_desired(
         &mut self,
         client_id: &str,
         hash: &str,
         spec: QuerySpec,
+        ttl: Option<f64>,
         at: Version,
     ) -> bool {
-        let client = self.clients.entry(client_id.to_string()).or_default();
-        let changed = !matches!(client.desired.get(hash), Some(d) if d.active);
-        if changed {
-            client.desired.insert(
+        self.ensure_client(client_id);
+        let known = self.queries.contains_key(hash);
+        let current = self.desires.get(client_id).and_then(|d| d.get(hash));
+        let matters = match current {
+            Some(d) if known && d.is_active() => ttl_raises(ttl, d.ttl_ms),
+            _ => true,
+        };
+        if !matters {
+            return false;
+        }
+        self.desires
+            .entry(client_id.to_string())
+            .or_default()
+            .insert(
                 hash.to_string(),
                 Desire {
-                    active: true,
+                    inactivated_at: None,
+                    ttl_ms: clamp_ttl(ttl),
+                    removed: false,
                     patch: at,
                 },
             );
-        }
         self.queries
             .entry(hash.to_string())
             .or_insert_with(|| QueryRecord {
@@ -160,53 +285,147 @@ impl Cvr {
                 got: None,
                 keys: HashSet::new(),
             });
-        changed
+        true
     }
 
+    /// A `del`: the client stops desiring the query at the current TTL clock; the query
+    /// stays got, with its rows, until its TTL runs out. True if the client desired it.
     pub fn del_desired(&mut self, client_id: &str, hash: &str, at: Version) -> bool {
-        match self
-            .clients
-            .get_mut(client_id)
-            .and_then(|c| c.desired.get_mut(hash))
-        {
-            Some(d) if d.active => {
-                *d = Desire {
-                    active: false,
-                    patch: at,
-                };
+        let now = self.ttl_clock_ms;
+        match self.active_desire_mut(client_id, hash) {
+            Some(d) => {
+                d.inactivated_at = Some(now);
+                d.patch = at;
                 true
             }
-            _ => false,
+            None => false,
         }
     }
 
+    /// A `clear`: every query the client desires loses its desire outright (no TTL).
     pub fn clear_desired(&mut self, client_id: &str, at: Version) -> bool {
-        let hashes: Vec<String> = match self.clients.get(client_id) {
-            Some(c) => c
-                .desired
-                .iter()
-                .filter(|(_, d)| d.active)
-                .map(|(h, _)| h.clone())
-                .collect(),
-            None => return false,
-        };
+        let mut changed = false;
+        for d in self
+            .desires
+            .get_mut(client_id)
+            .into_iter()
+            .flat_map(|m| m.values_mut())
+            .filter(|d| d.is_active())
+        {
+            d.removed = true;
+            d.patch = at;
+            changed = true;
+        }
+        changed
+    }
+
+    fn active_desire_mut(&mut self, client_id: &str, hash: &str) -> Option<&mut Desire> {
+        if !self.queries.contains_key(hash) {
+            return None;
+        }
+        self.desires
+            .get_mut(client_id)
+            .and_then(|m| m.get_mut(hash))
+            .filter(|d| d.is_active())
+    }
+
+    /// Deletes a client of the group: its desired queries are inactivated with their TTLs
+    /// (they expire later) and its record goes. A client unknown here is left alone.
+    /// Returns whether any desire changed (the version must bump).
+    pub fn delete_client(&mut self, client_id: &str, at: Version) -> bool {
+        if self.clients.remove(client_id).is_none() {
+            return false;
+        }
+        let hashes: Vec<String> = self
+            .desires
+            .get(client_id)
+            .into_iter()
+            .flat_map(|m| m.iter())
+            .filter(|(_, d)| d.is_active())
+            .map(|(h, _)| h.clone())
+            .collect();
         hashes
             .iter()
             .fold(false, |acc, h| self.del_desired(client_id, h, at) | acc)
     }
 
-    /// Queries no client desires any more.
-    pub fn undesired_queries(&self) -> Vec<String> {
-        let desired: HashSet<&String> = self
-            .clients
-            .values()
-            .flat_map(|c| c.desired.iter().filter(|(_, d)| d.active).map(|(h, _)| h))
-            .collect();
-        self.queries
+    /// The clients one config update deletes, in zero-cache's order: those of this CVR not
+    /// in `active_clients` (read before the update adds the sender, who always counts as
+    /// active), then those in `deleted`, known here or not (an unknown one changes nothing
+    /// but is still acknowledged).
+    pub fn clients_to_delete(
+        &self,
+        sender: &str,
+        active_clients: Option<&[String]>,
+        deleted: &[String],
+    ) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        if let Some(active) = active_clients {
+            let active: HashSet<&str> = active.iter().map(String::as_str).collect();
+            out.extend(
+                self.clients
+                    .keys()
+                    .filter(|c| *c != sender && !active.contains(c.as_str()))
+                    .cloned(),
+            );
+        }
+        let mut seen: HashSet<String> = out.iter().cloned().collect();
+        for c in deleted {
+            if seen.insert(c.clone()) {
+                out.push(c.clone());
+            }
+        }
+        debug_assert!(!out.iter().any(|c| c == sender), "a client deleting itself");
+        out
+    }
+
+    /// Every live query's standing across the client states that remain.
+    fn liveness(&self) -> HashMap<&str, Liveness> {
+        let mut out: HashMap<&str, Liveness> = self
+            .queries
             .keys()
-            .filter(|h| !desired.contains(h))
-            .cloned()
-            .collect()
+            .map(|h| (h.as_str(), Liveness::Inactive { expires_at: None }))
+            .collect();
+        for (hash, d) in self.desires.values().flat_map(|m| m.iter()) {
+            if d.removed {
+                continue;
+            }
+            let Some(entry) = out.get_mut(hash.as_str()) else {
+                continue;
+            };
+            *entry = match (*entry, d.expires_at()) {
+                (Liveness::Desired, _) | (_, None) => Liveness::Desired,
+                (Liveness::Inactive { expires_at }, Some(e)) => Liveness::Inactive {
+                    expires_at: Some(expires_at.map_or(e, |old| old.max(e))),
+                },
+            };
+        }
+        out
+    }
+
+    /// Queries whose TTL has run out: every remaining client state is inactivated and
+    /// `inactivatedAt + ttl <= ttlClock` (no client state left: expired at once).
+    pub fn expired_queries(&self) -> Vec<String> {
+        let now = self.ttl_clock_ms;
+        let mut out: Vec<String> = self
+            .liveness()
+            .into_iter()
+            .filter(|(_, l)| matches!(l, Liveness::Inactive { expires_at } if expires_at.is_none_or(|e| e <= now)))
+            .map(|(h, _)| h.to_string())
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// The TTL clock value at which the next inactive query expires (nextEvictionTime).
+    pub fn next_expiry_ms(&self) -> Option<u64> {
+        self.liveness()
+            .into_values()
+            .filter_map(|l| match l {
+                Liveness::Inactive { expires_at } => expires_at,
+                Liveness::Desired => None,
+            })
+            .min()
     }
 
     /// Stores a query's new result: marks it got, adjusts row ref-counts, and records puts
@@ -326,6 +545,10 @@ impl Cvr {
         let Some(query) = self.queries.remove(hash) else {
             return false;
         };
+        // The client states go with the query; the desires stay as tombstones.
+        for d in self.desires.values_mut().filter_map(|m| m.get_mut(hash)) {
+            d.removed = true;
+        }
         let mut changed = false;
         for key in &query.keys {
             changed |= self.unref_row(key, at);
@@ -378,9 +601,9 @@ impl Cvr {
     /// `base` is None): desired and got queries, lmids, mutation results and rows.
     pub fn write_patches(&self, base: Option<Version>, poke: &mut PokeBuilder) {
         let newer = |v: Version| base.is_none_or(|b| v > b);
-        for (client_id, client) in &self.clients {
-            for (hash, d) in client.desired.iter().filter(|(_, d)| newer(d.patch)) {
-                match (d.active, base) {
+        for (client_id, desires) in &self.desires {
+            for (hash, d) in desires.iter().filter(|(_, d)| newer(d.patch)) {
+                match (d.is_active(), base) {
                     (true, _) => poke.desired_query(client_id, QueryOp::Put, hash),
                     (false, Some(_)) => poke.desired_query(client_id, QueryOp::Del, hash),
                     (false, None) => {}

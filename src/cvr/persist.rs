@@ -22,18 +22,17 @@ pub struct StoredRow {
 
 #[derive(Serialize, Deserialize)]
 struct StoredConfig {
-    clients: BTreeMap<String, BTreeMap<String, StoredDesire>>,
+    clients: Vec<String>,
+    /// clientID -> query hash -> desire (with its TTL state); outlives deleted clients.
+    desires: BTreeMap<String, BTreeMap<String, Desire>>,
+    /// The TTL clock (ms of connected time).
+    #[serde(default)]
+    ttl_clock_ms: u64,
     queries: BTreeMap<String, StoredQuery>,
     removed_queries: BTreeMap<String, String>,
     lmids: BTreeMap<String, (u64, String)>,
     /// ((clientID, mutationID), result JSON or None for a tombstone, patch cookie).
     mutation_results: Vec<(String, u64, Option<String>, String)>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct StoredDesire {
-    active: bool,
-    patch: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -109,24 +108,9 @@ impl Cvr {
 
     fn stored_config(&self) -> String {
         let config = StoredConfig {
-            clients: self
-                .clients
-                .iter()
-                .map(|(id, c)| {
-                    let desires = c
-                        .desired
-                        .iter()
-                        .map(|(h, d)| {
-                            let d = StoredDesire {
-                                active: d.active,
-                                patch: d.patch.cookie(),
-                            };
-                            (h.clone(), d)
-                        })
-                        .collect();
-                    (id.clone(), desires)
-                })
-                .collect(),
+            clients: self.clients.keys().cloned().collect(),
+            desires: self.desires.clone(),
+            ttl_clock_ms: self.ttl_clock_ms,
             queries: self
                 .queries
                 .iter()
@@ -177,17 +161,11 @@ impl Cvr {
             serde_json::from_str(&loaded.config).map_err(|e| format!("config: {e}"))?;
         let mut cvr = Cvr::new(id);
         cvr.version = version;
-        for (client, desires) in config.clients {
-            let mut record = ClientRecord::default();
-            for (hash, d) in desires {
-                let desire = Desire {
-                    active: d.active,
-                    patch: cookie(&d.patch)?,
-                };
-                record.desired.insert(hash, desire);
-            }
-            cvr.clients.insert(client, record);
+        for client in config.clients {
+            cvr.clients.insert(client, ClientRecord::default());
         }
+        cvr.desires = config.desires;
+        cvr.ttl_clock_ms = config.ttl_clock_ms;
         for (hash, q) in config.queries {
             let spec = match (q.name, q.ast) {
                 (Some(name), _) => QuerySpec::Named {
@@ -305,14 +283,15 @@ mod tests {
         let mut cvr = Cvr::new("g1");
         let v1 = cvr.next_config_version();
         cvr.ensure_client("c1");
-        cvr.put_desired("c1", "q1", named("a"), v1);
+        cvr.put_desired("c1", "q1", named("a"), Some(1000.0), v1);
         cvr.put_desired(
             "c1",
             "q2",
             QuerySpec::Ast(serde_json::json!({"table": "issue"})),
+            None,
             v1,
         );
-        cvr.put_desired("c1", "q3", named("b"), v1);
+        cvr.put_desired("c1", "q3", named("b"), Some(0.0), v1);
         cvr.version = v1;
         let v2 = Version {
             state: 10,
@@ -353,14 +332,9 @@ mod tests {
         assert_eq!(back.mutation_results, cvr.mutation_results);
         assert_eq!(back.removed_queries, cvr.removed_queries);
         assert_eq!(back.clients.len(), 1);
-        let desired = |c: &Cvr| -> Vec<(String, bool, Version)> {
-            c.clients["c1"]
-                .desired
-                .iter()
-                .map(|(h, d)| (h.clone(), d.active, d.patch))
-                .collect()
-        };
-        assert_eq!(desired(&back), desired(&cvr));
+        assert_eq!(back.desires, cvr.desires);
+        assert!(cvr.desires["c1"].values().any(|d| !d.is_active()));
+        assert_eq!(back.ttl_clock_ms, cvr.ttl_clock_ms);
         for (hash, q) in &cvr.queries {
             let b = &back.queries[hash];
             assert_eq!(
@@ -447,8 +421,7 @@ mod tests {
         };
         assert!(bad("{}", "0a").is_err());
         assert!(bad("not json", "0a").is_err());
-        let empty =
-            r#"{"clients":{},"queries":{},"removed_queries":{},"lmids":{},"mutation_results":[]}"#;
+        let empty = r#"{"clients":[],"desires":{},"queries":{},"removed_queries":{},"lmids":{},"mutation_results":[]}"#;
         assert!(bad(empty, "0a").is_ok());
         assert!(bad(empty, "??").is_err());
         let orphan = Cvr::from_stored(

@@ -263,9 +263,10 @@ async fn handle_text(
         }
         Upstream::DeleteClients(d) => {
             let ids = d.client_ids.unwrap_or_default();
-            if !ids.is_empty() {
-                conn.send_text(&down::delete_clients(&ids));
-            }
+            let deleted = group.delete_clients(shard, &conn.client_id, &ids).await?;
+            // Only the message (not initConnection.deleted) clears the app server's
+            // mutation results of the deleted clients.
+            super::push::cleanup_results_bulk(shard, group, &deleted);
             Ok(())
         }
         Upstream::Ignored(tag) => {

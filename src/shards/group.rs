@@ -11,9 +11,10 @@ use crate::protocol::cookie::Version;
 use crate::protocol::down::{self, PokeBuilder};
 use crate::protocol::up::{InitConnection, QueryPatchOp};
 use crate::protocol::{ErrorKind, ProtocolError};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
+use std::time::{Duration, Instant};
 
 pub struct Group {
     pub id: String,
@@ -31,6 +32,22 @@ pub struct Group {
     pub persist: RefCell<Option<Rc<super::flush::CvrPersistence>>>,
     /// Whether the stored record was looked up (once per group and process).
     loaded: std::cell::Cell<bool>,
+    /// When the CVR's TTL clock was last brought forward; None while no client is
+    /// connected, which pauses the clock (inactive queries do not expire while the app is
+    /// closed).
+    ttl_clock_base: Cell<Option<Instant>>,
+    /// The eviction timer: a task sleeping until the next inactive query expires.
+    eviction: RefCell<Option<glommio::task::JoinHandle<()>>>,
+}
+
+/// One configuration change from a client (zero-cache's #handleConfigUpdate input).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ConfigUpdate<'a> {
+    pub patch: &'a [QueryPatchOp],
+    /// `deleted.clientIDs` of initConnection, or the `deleteClients` message's clientIDs.
+    pub deleted: &'a [String],
+    /// `activeClients` of initConnection: every other client of the CVR is deleted.
+    pub active_clients: Option<&'a [String]>,
 }
 
 pub type GroupResult<T> = Result<T, ProtocolError>;
@@ -51,6 +68,8 @@ impl Group {
             pending: RefCell::new(Pending::default()),
             persist: RefCell::new(None),
             loaded: std::cell::Cell::new(false),
+            ttl_clock_base: Cell::new(None),
+            eviction: RefCell::new(None),
         }
     }
 
@@ -100,6 +119,9 @@ impl Group {
         if let Some(old) = self.conns.borrow_mut().insert(conn.client_id.clone(), conn) {
             old.close_silently();
         }
+        if self.ttl_clock_base.get().is_none() {
+            self.ttl_clock_base.set(Some(Instant::now()));
+        }
         Ok(())
     }
 
@@ -129,57 +151,142 @@ impl Group {
         {
             conns.remove(&conn.client_id);
         }
+        let last = conns.is_empty();
+        drop(conns);
+        if last {
+            // Nobody is connected: the TTL clock stops, and with it the eviction timer; the
+            // next connection schedules it again.
+            self.tick_ttl_clock();
+            self.ttl_clock_base.set(None);
+            self.stop_eviction();
+        }
+    }
+
+    /// Brings the CVR's TTL clock forward by the connected time since the last tick.
+    fn tick_ttl_clock(&self) {
+        let Some(base) = self.ttl_clock_base.get() else {
+            return;
+        };
+        let now = Instant::now();
+        let ms = now.saturating_duration_since(base).as_millis() as u64;
+        self.cvr.borrow_mut().advance_ttl_clock(ms);
+        // The sub-millisecond rest stays on the base, so ticks never lose time.
+        self.ttl_clock_base
+            .set(Some(base + Duration::from_millis(ms)));
     }
 
     pub fn has_connections(&self) -> bool {
         !self.conns.borrow().is_empty()
     }
 
-    /// `initConnection`: the client's desired queries, then hydration, then (if the client
-    /// got nothing yet) the forced initial poke.
+    /// `initConnection`: changes that arrived while nobody was connected, the client's
+    /// desired queries and client deletions, then hydration, then (if the client got nothing
+    /// yet) the forced initial poke.
     pub async fn init_connection(
-        &self,
-        shard: &Shard,
+        self: &Rc<Self>,
+        shard: &Rc<Shard>,
         conn: &Rc<Conn>,
         init: InitConnection,
     ) -> GroupResult<()> {
-        let _permit = self.locked().await?;
-        // Changes that arrived while nobody of the group was connected.
-        self.advance_locked(shard)?;
-        self.cvr.borrow_mut().ensure_client(&conn.client_id);
-        self.apply_config(&conn.client_id, &init.desired_queries_patch);
-        self.hydrate(shard).await?;
-        self.poke_all();
-        Ok(())
+        let deleted = init
+            .deleted
+            .as_ref()
+            .and_then(|d| d.client_ids.as_deref())
+            .unwrap_or_default();
+        let update = ConfigUpdate {
+            patch: &init.desired_queries_patch,
+            deleted,
+            active_clients: init.active_clients.as_deref(),
+        };
+        self.update_config(shard, &conn.client_id, update, true)
+            .await
+            .map(drop)
     }
 
     pub async fn change_desired_queries(
-        &self,
-        shard: &Shard,
+        self: &Rc<Self>,
+        shard: &Rc<Shard>,
         client_id: &str,
         patch: &[QueryPatchOp],
     ) -> GroupResult<()> {
-        let _permit = self.locked().await?;
-        self.apply_config(client_id, patch);
-        self.hydrate(shard).await?;
-        self.poke_all();
-        Ok(())
+        let update = ConfigUpdate {
+            patch,
+            ..ConfigUpdate::default()
+        };
+        self.update_config(shard, client_id, update, false)
+            .await
+            .map(drop)
     }
 
-    /// Records desired-query changes at one config version and pokes them (the first of
-    /// zero-cache's two pokes per added query).
-    fn apply_config(&self, client_id: &str, patch: &[QueryPatchOp]) {
+    /// The `deleteClients` message: returns every client it deleted (for the app server's
+    /// result cleanup).
+    pub async fn delete_clients(
+        self: &Rc<Self>,
+        shard: &Rc<Shard>,
+        client_id: &str,
+        client_ids: &[String],
+    ) -> GroupResult<Vec<String>> {
+        let update = ConfigUpdate {
+            deleted: client_ids,
+            ..ConfigUpdate::default()
+        };
+        self.update_config(shard, client_id, update, false).await
+    }
+
+    /// One configuration change under the group lock: the config poke, hydration (which
+    /// also drops expired queries), the `deleteClients` ack, and the eviction timer.
+    /// `init`: an initConnection, which first catches the group up with the replica.
+    /// Returns the clients deleted.
+    async fn update_config(
+        self: &Rc<Self>,
+        shard: &Rc<Shard>,
+        client_id: &str,
+        update: ConfigUpdate<'_>,
+        init: bool,
+    ) -> GroupResult<Vec<String>> {
+        if update.deleted.iter().any(|c| c == client_id) {
+            return Err(ProtocolError::new(
+                ErrorKind::Internal,
+                format!("client {client_id} cannot delete itself"),
+            ));
+        }
+        let _permit = self.locked().await?;
+        if init {
+            self.advance_locked(shard)?;
+            // A connecting client's record goes in without a version bump of its own (as
+            // zcache always did; zero-cache bumps), so the group's other sockets get no
+            // empty config poke for it.
+            self.cvr.borrow_mut().ensure_client(client_id);
+        }
+        self.tick_ttl_clock();
+        let deleted = self.apply_config(client_id, &update);
+        self.hydrate(shard).await?;
+        self.poke_all();
+        // Acked to every socket, only when the request named clients to delete; it lists
+        // those removed through activeClients too.
+        if !deleted.is_empty() && !update.deleted.is_empty() {
+            self.send_to_all(down::delete_clients(&deleted));
+        }
+        self.schedule_eviction(shard);
+        Ok(deleted)
+    }
+
+    /// Records desired-query changes and client deletions at one config version and pokes
+    /// them (the first of zero-cache's two pokes per added query). Returns the clients
+    /// deleted (`Cvr::clients_to_delete`).
+    fn apply_config(&self, client_id: &str, update: &ConfigUpdate) -> Vec<String> {
         let mut cvr = self.cvr.borrow_mut();
         let at = cvr.next_config_version();
+        let to_delete = cvr.clients_to_delete(client_id, update.active_clients, update.deleted);
         let mut changed = cvr.ensure_client(client_id);
-        for op in patch {
+        for op in update.patch {
             changed |= match op {
                 QueryPatchOp::Put {
                     hash,
+                    ttl,
                     ast,
                     name,
                     args,
-                    ..
                 } => {
                     let spec = match (name, ast) {
                         (Some(name), _) => QuerySpec::Named {
@@ -190,21 +297,85 @@ impl Group {
                         (None, None) => continue,
                     };
                     self.queries.borrow_mut().retry(hash);
-                    cvr.put_desired(client_id, hash, spec, at)
+                    cvr.put_desired(client_id, hash, spec, *ttl, at)
                 }
                 QueryPatchOp::Del { hash } => cvr.del_desired(client_id, hash, at),
                 QueryPatchOp::Clear => cvr.clear_desired(client_id, at),
             };
+        }
+        for c in &to_delete {
+            changed |= cvr.delete_client(c, at);
         }
         if changed {
             cvr.version = at;
             drop(cvr);
             self.poke_all();
         }
+        to_delete
     }
 
-    /// Transforms and evaluates queries that are desired but not got, drops queries nobody
-    /// desires, at one data version (the second poke).
+    /// Arms the eviction timer for the next expiry on the TTL clock (none while nobody is
+    /// connected, since the clock is stopped), replacing any armed one.
+    fn schedule_eviction(self: &Rc<Self>, shard: &Rc<Shard>) {
+        self.stop_eviction();
+        if self.ttl_clock_base.get().is_none() {
+            return;
+        }
+        let (next, now) = {
+            let cvr = self.cvr.borrow();
+            (cvr.next_expiry_ms(), cvr.ttl_clock_ms)
+        };
+        let Some(next) = next else {
+            return;
+        };
+        let delay = Duration::from_millis(crate::cvr::eviction_delay_ms(next, now));
+        let group: Weak<Group> = Rc::downgrade(self);
+        let shard = shard.clone();
+        let task = glommio::spawn_local(async move {
+            glommio::timer::sleep(delay).await;
+            let Some(group) = group.upgrade() else {
+                return;
+            };
+            // Fired: from here on a reschedule must not cancel this task.
+            group.eviction.borrow_mut().take();
+            if let Err(e) = group.evict_expired(&shard).await {
+                tracing::warn!(group = %group.id, error = %e, "query eviction failed");
+                let conns: Vec<_> = group.conns.borrow().values().cloned().collect();
+                for c in conns {
+                    c.fail(&e);
+                }
+            }
+        })
+        .detach();
+        *self.eviction.borrow_mut() = Some(task);
+    }
+
+    fn stop_eviction(&self) {
+        if let Some(task) = self.eviction.borrow_mut().take() {
+            task.cancel();
+        }
+    }
+
+    /// The eviction timer fired: removes the queries whose TTL ran out in one poke (got
+    /// `del`s, and row `del`s for rows no other query reaches), then re-arms.
+    async fn evict_expired(self: &Rc<Self>, shard: &Rc<Shard>) -> GroupResult<()> {
+        let _permit = self.locked().await?;
+        if !self.has_connections() {
+            return Ok(());
+        }
+        self.tick_ttl_clock();
+        let expired = self.cvr.borrow().expired_queries();
+        if !expired.is_empty() {
+            tracing::debug!(group = %self.id, queries = ?expired, "queries expired");
+            self.hydrate(shard).await?;
+            self.poke_all();
+        }
+        self.schedule_eviction(shard);
+        Ok(())
+    }
+
+    /// Transforms and evaluates queries that are desired but not got, drops queries whose
+    /// TTL ran out, at one data version (the second poke).
     async fn hydrate(&self, shard: &Shard) -> GroupResult<()> {
         let to_transform = self
             .queries
@@ -221,7 +392,7 @@ impl Group {
         let mut failed = Vec::new();
         self.in_snapshot(shard, |reader, cvr, at| {
             let mut changed = false;
-            for hash in cvr.undesired_queries() {
+            for hash in cvr.expired_queries() {
                 self.queries.borrow_mut().forget(&hash);
                 changed |= cvr.remove_query(&hash, at);
             }

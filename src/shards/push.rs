@@ -121,6 +121,37 @@ pub fn cleanup_results(shard: &Rc<Shard>, group: &Rc<Group>, client_id: &str, up
     }
 }
 
+/// `deleteClients`: asks the app server to delete every mutation result of the deleted
+/// clients in one `_zero_cleanupResults` mutation, sent as the first deleted client.
+pub fn cleanup_results_bulk(shard: &Rc<Shard>, group: &Rc<Group>, client_ids: &[String]) {
+    let Some(first) = client_ids.first() else {
+        return;
+    };
+    if !shard.app.has_mutate_url() {
+        return;
+    }
+    let ts = now_ms();
+    let body = json!({
+        "clientGroupID": group.id,
+        "mutations": [{
+            "type": "custom", "id": 0, "clientID": first, "name": "_zero_cleanupResults",
+            "args": [{"type": "bulk", "clientGroupID": group.id, "clientIDs": client_ids}],
+            "timestamp": ts,
+        }],
+        "pushVersion": 1, "timestamp": ts,
+        "requestID": format!("cleanup-bulk-{}-{ts}", group.id),
+    });
+    let job = PushJob {
+        body: body.to_string(),
+        token: group.token.borrow().clone(),
+        conn: None,
+        mutation_ids: Vec::new(),
+    };
+    if pusher(shard, group).try_send(job).is_err() {
+        tracing::warn!(group = %group.id, "push queue full: bulk mutation-result cleanup skipped");
+    }
+}
+
 async fn run(shard: &Shard, job: PushJob) {
     let app = shard.app.clone();
     let (body, token) = (job.body, job.token);
