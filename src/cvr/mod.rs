@@ -188,6 +188,8 @@ pub struct Cvr {
     pub lmids: BTreeMap<String, (u64, Version)>,
     /// `{app}_{shard}.mutations` rows: (clientID, mutationID) -> (result JSON or tombstone, patch).
     pub mutation_results: BTreeMap<(String, u64), (Option<String>, Version)>,
+    /// The client schema the group's first connection sent.
+    pub client_schema: Option<serde_json::Value>,
     /// Row records changed since the last `take_flush`.
     dirty_rows: HashSet<RowKey>,
     /// The version the store last got (None: never flushed, or a flush failed).
@@ -208,6 +210,7 @@ impl Cvr {
             rows: HashMap::new(),
             lmids: BTreeMap::new(),
             mutation_results: BTreeMap::new(),
+            client_schema: None,
             dirty_rows: HashSet::new(),
             flushed_version: None,
         }

@@ -33,6 +33,8 @@ struct StoredConfig {
     lmids: BTreeMap<String, (u64, String)>,
     /// ((clientID, mutationID), result JSON or None for a tombstone, patch cookie).
     mutation_results: Vec<(String, u64, Option<String>, String)>,
+    #[serde(default)]
+    client_schema: Option<serde_json::Value>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -100,6 +102,12 @@ impl Cvr {
         })
     }
 
+    /// Keeps the client schema; written at the next flush although no version moved.
+    pub fn set_client_schema(&mut self, schema: serde_json::Value) {
+        self.client_schema = Some(schema);
+        self.flushed_version = None;
+    }
+
     /// Everything is written again at the next flush (after a failed one).
     pub fn mark_all_dirty(&mut self) {
         self.flushed_version = None;
@@ -148,6 +156,7 @@ impl Cvr {
                 .iter()
                 .map(|((c, id), (r, v))| (c.clone(), *id, r.clone(), v.cookie()))
                 .collect(),
+            client_schema: self.client_schema.clone(),
         };
         // Plain maps of strings and numbers: serializing cannot fail.
         serde_json::to_string(&config).unwrap_or_default()
@@ -166,6 +175,7 @@ impl Cvr {
         }
         cvr.desires = config.desires;
         cvr.ttl_clock_ms = config.ttl_clock_ms;
+        cvr.client_schema = config.client_schema;
         for (hash, q) in config.queries {
             let spec = match (q.name, q.ast) {
                 (Some(name), _) => QuerySpec::Named {
@@ -310,6 +320,7 @@ mod tests {
             v3,
         );
         cvr.version = v3;
+        cvr.set_client_schema(serde_json::json!({"tables": {"issue": {"primaryKey": ["id"]}}}));
         let batch = cvr.take_flush().expect("writes");
         assert!(
             cvr.take_flush().is_none(),
@@ -335,6 +346,7 @@ mod tests {
         assert_eq!(back.desires, cvr.desires);
         assert!(cvr.desires["c1"].values().any(|d| !d.is_active()));
         assert_eq!(back.ttl_clock_ms, cvr.ttl_clock_ms);
+        assert_eq!(back.client_schema, cvr.client_schema);
         for (hash, q) in &cvr.queries {
             let b = &back.queries[hash];
             assert_eq!(

@@ -188,6 +188,7 @@ impl Group {
         conn: &Rc<Conn>,
         init: InitConnection,
     ) -> GroupResult<()> {
+        self.check_client_schema(shard, init.client_schema.as_ref())?;
         let deleted = init
             .deleted
             .as_ref()
@@ -201,6 +202,43 @@ impl Group {
         self.update_config(shard, &conn.client_id, update, true)
             .await
             .map(drop)
+    }
+
+    /// The client's schema against the replica (zero-cache checks it when the group's
+    /// pipelines start): a first connection brings it and the CVR keeps it; a later one
+    /// must bring the same or none. A client that never sends one is not checked.
+    fn check_client_schema(
+        &self,
+        shard: &Shard,
+        sent: Option<&serde_json::Value>,
+    ) -> GroupResult<()> {
+        let stored = self.cvr.borrow().client_schema.clone();
+        let schema = match (sent, stored) {
+            (Some(s), Some(st)) if *s != st => {
+                return Err(ProtocolError::new(
+                    ErrorKind::InvalidConnectionRequest,
+                    "Provided schema does not match previous schema",
+                ))
+            }
+            (Some(s), _) => s.clone(),
+            (None, Some(st)) => st,
+            (None, None) => return Ok(()),
+        };
+        let prefixes = [
+            format!("{}.", shard.cfg.app_id),
+            format!("{}.", shard.shard_schema),
+        ];
+        let tables = shard.reader.borrow().table_specs();
+        super::client_schema::check(&schema, &tables, &prefixes)?;
+        let mut cvr = self.cvr.borrow_mut();
+        if cvr.client_schema.is_none() {
+            cvr.set_client_schema(schema);
+            drop(cvr);
+            if let Some(p) = self.persist.borrow().as_ref() {
+                p.mark_dirty(&self.id);
+            }
+        }
+        Ok(())
     }
 
     pub async fn change_desired_queries(
