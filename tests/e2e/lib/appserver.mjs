@@ -15,14 +15,17 @@ async function readBody(req) {
 }
 
 /**
- * Starts the app server against `pgUrl`. Returns {url, calls, close()}; `calls` counts requests
- * per endpoint, `errors` keeps handler exceptions (both help explain a failing test).
+ * Starts the app server against `pgUrl`. Returns {url, calls, errors, faults, close()}; `calls`
+ * counts requests per endpoint, `errors` keeps handler exceptions (both help explain a failing
+ * test). Setting `faults.mutateStatus` to an HTTP status makes /mutate answer with that status
+ * (and no mutation runs) until it is set back to null.
  */
 export async function startAppServer({pgUrl}) {
   const sql = postgres(pgUrl, {max: 5, onnotice: () => {}});
   const dbProvider = zeroPostgresJS(schema, sql);
   const calls = {query: 0, mutate: 0};
   const errors = [];
+  const faults = {mutateStatus: null};
 
   const server = http.createServer(async (req, res) => {
     try {
@@ -40,6 +43,10 @@ export async function startAppServer({pgUrl}) {
         });
       } else if (url.pathname.endsWith('/mutate')) {
         calls.mutate++;
+        if (faults.mutateStatus) {
+          res.writeHead(faults.mutateStatus, {'content-type': 'text/plain'}).end(`e2e: injected HTTP ${faults.mutateStatus}`);
+          return;
+        }
         result = await handleMutateRequest({
           dbProvider,
           handler: transact => transact((tx, name, args) => mustGetMutator(mutators, name).fn({tx, args, ctx: {userID}})),
@@ -64,6 +71,7 @@ export async function startAppServer({pgUrl}) {
     url: `http://127.0.0.1:${port}`,
     calls,
     errors,
+    faults,
     async close() {
       server.closeAllConnections?.();
       await new Promise(r => server.close(() => r()));

@@ -49,6 +49,12 @@ export const mutators = defineMutators({
     create: defineMutator(async ({tx, args}) => {
       await tx.mutate.issue.insert(args);
     }),
+    // sets the title on the client (optimistically), then fails on the app server with an app
+    // error, so the server's transaction is rolled back: args {id, title}
+    setTitleFailsOnServer: defineMutator(async ({tx, args}) => {
+      await tx.mutate.issue.update({id: args.id, title: args.title});
+      if (tx.location === 'server') throw new Error(`e2e: setTitle of ${args.id} refused by the app server`);
+    }),
   },
   comment: {
     // args: {id, issue_id, body, created}

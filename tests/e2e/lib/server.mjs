@@ -93,7 +93,7 @@ function launchSpec(kind, {pgUrl, appUrl, port, appId, replicaFile}) {
 
 /**
  * Starts the selected sync server against `pgUrl`, calling the app server at `appUrl`.
- * Returns {kind, url, port, appId, dir, logFile, proc, startMs, stop()}.
+ * Returns {kind, url, port, appId, dir, logFile, proc, startMs, stop(), halt(), restart(), running}.
  */
 export async function startServer({pgUrl, appUrl}) {
   const kind = preflightServer();
@@ -105,21 +105,47 @@ export async function startServer({pgUrl, appUrl}) {
   const logFile = path.join(dir, `${kind}.log`);
   const spec = launchSpec(kind, {pgUrl, appUrl, port, appId, replicaFile});
 
-  const t0 = performance.now();
-  const proc = spawnGroup(kind, spec.cmd, spec.args, {env: spec.env, cwd: e2eDir, logFile});
   const handle = {
-    kind, port, appId, dir, logFile, proc,
+    kind, port, appId, dir, logFile,
+    proc: null,
     url: `http://127.0.0.1:${port}`,
     startMs: null,
-    tail: n => proc.tail(n),
+    tail: n => handle.proc?.tail(n) ?? '',
     async stop() {
       // SIGTERM lets zero-cache drain and stop its workers; the group is SIGKILLed after the grace period
-      await proc.stop({signal: 'SIGTERM', graceMs: 10_000});
+      await handle.proc?.stop({signal: 'SIGTERM', graceMs: 10_000});
       removeTempDir(dir);
+    },
+    /**
+     * Stops the process but keeps its replica and work dir (for `restart`). Returns how the leader
+     * ended, {code, signal, ms}: `ms` is the time from the signal to its exit (null when it had to
+     * be SIGKILLed after `graceMs`).
+     */
+    async halt({signal = 'SIGTERM', graceMs = 10_000} = {}) {
+      const proc = handle.proc;
+      if (proc.exitInfo) return {...proc.exitInfo, ms: 0};
+      const t = performance.now();
+      let ms = null;
+      proc.exited.then(() => (ms = performance.now() - t));
+      await proc.stop({signal, graceMs});
+      await proc.exited;
+      return {...proc.exitInfo, ms: proc.exitInfo.signal === 'SIGKILL' ? null : ms};
+    },
+    /** Starts the server again with the same port, app id and replica file (after `halt`). */
+    async restart() {
+      if (handle.proc && !handle.proc.exitInfo) throw new Error(`${kind} is still running: halt it first`);
+      await launch();
+    },
+    get running() {
+      return Boolean(handle.proc && !handle.proc.exitInfo);
     },
   };
 
-  try {
+  async function launch() {
+    const t0 = performance.now();
+    const proc = spawnGroup(kind, spec.cmd, spec.args, {env: spec.env, cwd: e2eDir, logFile});
+    handle.proc = proc;
+    // the ready marker must come from this run's output, not an earlier one in the same log
     const deadline = Date.now() + readyTimeoutMs;
     for (;;) {
       if (proc.exitInfo) {
@@ -133,10 +159,14 @@ export async function startServer({pgUrl, appUrl}) {
       }
       await sleep(100);
     }
+    handle.startMs = performance.now() - t0;
+  }
+
+  try {
+    await launch();
   } catch (e) {
     await handle.stop();
     throw e;
   }
-  handle.startMs = performance.now() - t0;
   return handle;
 }
