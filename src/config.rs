@@ -105,6 +105,12 @@ pub struct Config {
     /// `ulimit -l`).
     #[arg(long, env = "ZCACHE_IO_MEMORY_KIB", default_value_t = 512)]
     pub io_memory_kib: usize,
+
+    /// zcache: milliseconds after its last client disconnects before a client group is
+    /// written out and dropped from memory (it is loaded again from the CVR database when a
+    /// client returns).
+    #[arg(long, env = "ZCACHE_GROUP_IDLE_MS", default_value_t = crate::shards::GROUP_IDLE_EVICT_MS)]
+    pub group_idle_ms: u64,
 }
 
 /// Why the settings cannot be used. Each message says what to fix.

@@ -19,6 +19,17 @@ struct Server {
     child: Child,
     port: u16,
     _dir: Option<tempfile::TempDir>,
+    /// Every line zcache wrote to stderr so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Server {
+    fn logged(&self, needle: &str) -> bool {
+        self.log
+            .lock()
+            .map(|l| l.iter().any(|line| line.contains(needle)))
+            .unwrap_or(false)
+    }
 }
 
 impl Drop for Server {
@@ -60,7 +71,22 @@ fn start_zcache(pg: &PgCluster) -> Server {
 
 /// zcache with its replica in `dir` (kept by the caller across restarts).
 fn start_zcache_at(pg: &PgCluster, dir: &std::path::Path, port: u16) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_zcache"))
+    start_zcache_with(pg, dir, port, &[], "")
+}
+
+/// The same with more arguments, and `ZCACHE_LOG` when `log_filter` is not empty.
+fn start_zcache_with(
+    pg: &PgCluster,
+    dir: &std::path::Path,
+    port: u16,
+    args: &[&str],
+    log_filter: &str,
+) -> Server {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_zcache"));
+    if !log_filter.is_empty() {
+        command.env("ZCACHE_LOG", log_filter);
+    }
+    let mut child = command
         .args([
             "--upstream-db",
             &pg.url("app"),
@@ -71,16 +97,22 @@ fn start_zcache_at(pg: &PgCluster, dir: &std::path::Path, port: u16) -> Server {
         ])
         .arg("--replica-file")
         .arg(dir.join("replica.db"))
+        .args(args)
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn zcache");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = std::sync::mpsc::channel();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lines = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             eprintln!("[zcache] {line}");
             if line.contains("zcache ready") {
                 let _ = tx.send(());
+            }
+            if let Ok(mut l) = lines.lock() {
+                l.push(line);
             }
         }
     });
@@ -89,6 +121,7 @@ fn start_zcache_at(pg: &PgCluster, dir: &std::path::Path, port: u16) -> Server {
         child,
         port,
         _dir: None,
+        log,
     }
 }
 
@@ -533,6 +566,67 @@ fn a_cookie_from_before_a_restart_gets_a_diff() {
     let after = read_poke(&mut ws);
     assert_eq!(after.base, json!(cookie));
     assert_eq!(ids(&after.rows, "issue"), vec![window[3].clone()]);
+}
+
+/// A group nobody is connected to is written out and dropped from memory; a client coming
+/// back with its cookie loads it again and gets what changed meanwhile.
+#[test]
+fn an_idle_group_is_unloaded_and_comes_back_from_the_cvr_database() {
+    let pg = PgCluster::start(PgClusterOptions::default()).expect("postgres");
+    seed(&pg);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let server = start_zcache_with(
+        &pg,
+        dir.path(),
+        port,
+        &["--group-idle-ms", "200"],
+        "zcache=info,zcache::shards=debug",
+    );
+    let url = |cookie: &str| {
+        format!("/sync/v51/connect?clientID=c1&clientGroupID=g1&baseCookie={cookie}&ts=1&lmid=0&wsid=w1")
+    };
+    let protocol = sec_protocol(init_with(open_issues_ast()), None);
+    let (mut ws, _) = connect(port, &url(""), &protocol);
+    assert_eq!(next(&mut ws)[0], "connected");
+    let _config = read_poke(&mut ws);
+    let hydrated = read_poke(&mut ws);
+    let window = ids(&hydrated.rows, "issue");
+    let _ = ws.close(None);
+    drop(ws);
+    let deadline = Instant::now() + WAIT;
+    while !server.logged("idle group unloaded") {
+        assert!(
+            Instant::now() < deadline,
+            "the idle group was never unloaded"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    pg.psql(
+        "app",
+        &format!(
+            "UPDATE issue SET title = 'while unloaded' WHERE id = '{}'",
+            window[0]
+        ),
+    )
+    .expect("update");
+    let (mut ws, _) = connect(port, &url(&hydrated.cookie), &protocol);
+    assert_eq!(next(&mut ws)[0], "connected");
+    let mut rows = Vec::new();
+    let mut cookie = hydrated.cookie.clone();
+    while rows.is_empty() {
+        assert!(Instant::now() < deadline, "the change never arrived");
+        let p = read_poke(&mut ws);
+        assert_eq!(p.base, json!(cookie));
+        rows.extend(p.rows);
+        cookie = p.cookie;
+    }
+    assert_eq!(ids(&rows, "issue"), vec![window[0].clone()], "{rows:?}");
+    assert_eq!(rows.len(), 1, "only the change, not the view again");
+    assert!(
+        server.logged("CVR loaded"),
+        "it came back from the database"
+    );
 }
 
 /// SIGTERM with a client connected: the socket is closed as "going away", the CVR is written,

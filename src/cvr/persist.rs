@@ -66,7 +66,7 @@ impl Cvr {
     /// The writes since the last flush, or None when there are none. Marks them flushed:
     /// a caller whose write fails must call `mark_all_dirty`.
     pub fn take_flush(&mut self) -> Option<FlushBatch> {
-        if self.flushed_version == Some(self.version) && self.dirty_rows.is_empty() {
+        if !self.has_unflushed() {
             return None;
         }
         let dirty = std::mem::take(&mut self.dirty_rows);
@@ -105,7 +105,17 @@ impl Cvr {
     /// Keeps the client schema; written at the next flush although no version moved.
     pub fn set_client_schema(&mut self, schema: serde_json::Value) {
         self.client_schema = Some(schema);
+        self.force_flush();
+    }
+
+    /// The configuration is written at the next flush although no version moved.
+    pub fn force_flush(&mut self) {
         self.flushed_version = None;
+    }
+
+    /// Whether a flush has anything to write.
+    pub fn has_unflushed(&self) -> bool {
+        self.flushed_version != Some(self.version) || !self.dirty_rows.is_empty()
     }
 
     /// Everything is written again at the next flush (after a failed one).

@@ -276,6 +276,7 @@ async fn run_syncer(
         Ok(p) => {
             let _ = shard.cvrs.set(p.clone());
             glommio::spawn_local(p.flush_forever(shard.clone())).detach();
+            glommio::spawn_local(shard.clone().sweep_idle_groups(shard.cfg.group_idle_ms)).detach();
         }
         Err(e) => {
             let _ = bound.send(Err(format!("syncer {id}: {e}")));

@@ -105,6 +105,19 @@ impl CvrPersistence {
         Ok(())
     }
 
+    /// Writes one group's record now (before it is dropped from memory).
+    pub async fn flush_group(&self, group: &super::group::Group) -> Result<(), StoreError> {
+        let Some(batch) = group.cvr.borrow_mut().take_flush() else {
+            return Ok(());
+        };
+        let result = self.write(std::slice::from_ref(&batch)).await;
+        if result.is_err() {
+            group.cvr.borrow_mut().mark_all_dirty();
+            self.mark_dirty(&group.id);
+        }
+        result
+    }
+
     /// One transaction of up to FLUSH_GROUPS_PER_TRANSACTION_MAX groups.
     async fn flush_some(&self, shard: &Shard) -> Result<(), StoreError> {
         let ids: Vec<String> = {

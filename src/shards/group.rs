@@ -32,6 +32,11 @@ pub struct Group {
     pub persist: RefCell<Option<Rc<super::flush::CvrPersistence>>>,
     /// Whether the stored record was looked up (once per group and process).
     loaded: std::cell::Cell<bool>,
+    /// Since when nobody is connected (None while someone is): idle groups are written out
+    /// and dropped from memory (`Shard::sweep_idle_groups`).
+    pub idle_since: Cell<Option<Instant>>,
+    /// Dropped from the shard: a connection that got hold of it just before must retry.
+    pub evicted: Cell<bool>,
     /// When the CVR's TTL clock was last brought forward; None while no client is
     /// connected, which pauses the clock (inactive queries do not expire while the app is
     /// closed).
@@ -68,9 +73,16 @@ impl Group {
             pending: RefCell::new(Pending::default()),
             persist: RefCell::new(None),
             loaded: std::cell::Cell::new(false),
+            idle_since: Cell::new(Some(Instant::now())),
+            evicted: Cell::new(false),
             ttl_clock_base: Cell::new(None),
             eviction: RefCell::new(None),
         }
+    }
+
+    /// The group's lock if nobody holds it (or waits for it: glommio's semaphore is fair).
+    pub fn try_lock(&self) -> Option<glommio::sync::Permit<'_>> {
+        self.lock.try_acquire_permit(1).ok()
     }
 
     async fn locked(&self) -> GroupResult<glommio::sync::Permit<'_>> {
@@ -84,6 +96,13 @@ impl Group {
     /// checkClientAndCVRVersions) and replaces any older socket of the same client.
     pub async fn connect(&self, conn: Rc<Conn>) -> GroupResult<()> {
         let _permit = self.locked().await?;
+        if self.evicted.get() {
+            // Unloaded while this connection waited for it: a reconnect finds it again.
+            return Err(ProtocolError::new(
+                ErrorKind::Rehome,
+                format!("client group {} was unloaded; reconnect", self.id),
+            ));
+        }
         self.load_once().await?;
         let cvr = self.cvr.borrow();
         if let Some(base) = conn.cookie.get() {
@@ -116,6 +135,7 @@ impl Group {
             ));
         }
         drop(conns);
+        self.idle_since.set(None);
         if let Some(old) = self.conns.borrow_mut().insert(conn.client_id.clone(), conn) {
             old.close_silently();
         }
@@ -159,6 +179,12 @@ impl Group {
             self.tick_ttl_clock();
             self.ttl_clock_base.set(None);
             self.stop_eviction();
+            self.idle_since.set(Some(Instant::now()));
+            // The TTL clock moved without a new version: write it anyway.
+            self.cvr.borrow_mut().force_flush();
+            if let Some(p) = self.persist.borrow().as_ref() {
+                p.mark_dirty(&self.id);
+            }
         }
     }
 

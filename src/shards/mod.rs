@@ -22,6 +22,12 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::rc::Rc;
 
+/// A group nobody has been connected to for this long is written out and dropped from
+/// memory; its next connection loads it again from the CVR database (`--group-idle-ms`).
+pub const GROUP_IDLE_EVICT_MS: u64 = 60_000;
+/// How often a shard looks for idle groups, at most (more often for a shorter idle time).
+const GROUP_IDLE_SWEEP_MS_MAX: u64 = 5_000;
+
 /// Tries at writing the CVRs at shutdown before giving up (each failure is logged).
 const DRAIN_FLUSH_ATTEMPTS_MAX: usize = 3;
 /// Time the socket writers get to send their close frames before the shard ends.
@@ -138,6 +144,51 @@ impl Shard {
         *g.persist.borrow_mut() = self.cvrs.get().cloned();
         groups.insert(id.to_string(), g.clone());
         Ok(g)
+    }
+
+    /// Drops idle groups from memory, every few seconds, for as long as the shard
+    /// runs. A group is dropped only once its record is written, nobody is connected and no
+    /// operation holds it; a connection that got hold of it meanwhile is told to reconnect.
+    pub async fn sweep_idle_groups(self: Rc<Self>, idle_ms: u64) {
+        let Some(persist) = self.cvrs.get().cloned() else {
+            return; // nowhere to keep them: they stay in memory
+        };
+        loop {
+            let sweep_ms = (idle_ms / 2).clamp(10, GROUP_IDLE_SWEEP_MS_MAX);
+            glommio::timer::sleep(std::time::Duration::from_millis(sweep_ms)).await;
+            let idle: Vec<Rc<Group>> = self
+                .groups
+                .borrow()
+                .values()
+                .filter(|g| {
+                    g.idle_since
+                        .get()
+                        .is_some_and(|t| t.elapsed().as_millis() as u64 >= idle_ms)
+                })
+                .cloned()
+                .collect();
+            for g in idle {
+                if let Err(e) = persist.flush_group(&g).await {
+                    tracing::warn!(group = %g.id, error = %e, "idle group kept: its CVR is not written");
+                    continue;
+                }
+                self.evict_if_idle(&g);
+            }
+        }
+    }
+
+    /// Drops `g` if it is still idle, written and unused (no await from check to removal).
+    fn evict_if_idle(&self, g: &Rc<Group>) -> bool {
+        if g.has_connections() || g.idle_since.get().is_none() || g.cvr.borrow().has_unflushed() {
+            return false;
+        }
+        let Some(_permit) = g.try_lock() else {
+            return false;
+        };
+        g.evicted.set(true);
+        self.groups.borrow_mut().remove(&g.id);
+        tracing::debug!(group = %g.id, "idle group unloaded");
+        true
     }
 
     /// At shutdown: every socket closed as "going away", then every CVR written.
