@@ -253,10 +253,7 @@ async fn handle_text(
                 .await
         }
         Upstream::Push(header, body) => super::push::push(shard, group, conn, header, body),
-        Upstream::UpdateAuth(token) => {
-            *group.token.borrow_mut() = Some(token);
-            Ok(())
-        }
+        Upstream::UpdateAuth(token) => group.update_auth(shard, token).await,
         Upstream::AckMutationResponses(ack) => {
             super::push::cleanup_results(shard, group, &ack.client_id, ack.id);
             Ok(())

@@ -29,6 +29,9 @@ pub struct GroupQueries {
     failed: std::collections::HashSet<String>,
     /// The maintained form of every got query.
     live: HashMap<String, LiveQuery>,
+    /// Named queries to transform again although they have an AST (a new connection or a
+    /// new auth token: the app server may now answer differently).
+    stale: std::collections::HashSet<String>,
 }
 
 /// Every table an AST reads: its own, its related subqueries' and its EXISTS subqueries'.
@@ -59,7 +62,8 @@ impl GroupQueries {
         let mut out = Vec::new();
         for (hash, q) in &cvr.queries {
             // Got queries without an AST were loaded from the CVR database: transformed again.
-            if self.asts.contains_key(hash) || self.failed.contains(hash) {
+            let current = self.asts.contains_key(hash) && !self.stale.contains(hash);
+            if current || self.failed.contains(hash) {
                 continue;
             }
             match &q.spec {
@@ -89,27 +93,54 @@ impl GroupQueries {
         self.asts.insert(hash.to_string(), Rc::new(ast));
     }
 
-    /// Takes the app server's answers; returns the per-query errors as the JSON array the
-    /// client expects in `transformError` ("" when there are none).
-    pub fn absorb(&mut self, results: Vec<TransformResult>) -> Result<String, ProtocolError> {
+    /// Every named query is transformed again at the next hydration (zero-cache's "all"
+    /// mode: on each new connection and each auth change).
+    pub fn mark_named_stale(&mut self) {
+        self.stale.extend(self.names.keys().cloned());
+    }
+
+    /// Takes the app server's answers. A query whose AST is unchanged keeps its maintained
+    /// state; a changed one is hydrated again. Returns the per-query errors as the JSON
+    /// array the client expects in `transformError` ("" when there are none), and the ids
+    /// of the queries that failed.
+    pub fn absorb(
+        &mut self,
+        results: Vec<TransformResult>,
+    ) -> Result<(String, Vec<String>), ProtocolError> {
         let mut errors = Vec::new();
+        let mut failed = Vec::new();
         for r in results {
+            let id = match &r {
+                TransformResult::Ast { id, .. } | TransformResult::Error { id, .. } => id.clone(),
+            };
+            self.stale.remove(&id);
             match r {
                 TransformResult::Ast { id, ast } => match parse_ast(&ast) {
-                    Ok(ast) => self.insert(&id, ast),
-                    Err(e) => errors.push(serde_json::json!({
-                        "error": "parse", "id": id, "name": self.names.get(&id),
-                        "message": format!("the app server returned an invalid AST: {e}"),
-                    })),
+                    Ok(ast) if self.asts.get(&id).is_some_and(|old| **old == ast) => {}
+                    Ok(ast) => {
+                        self.live.remove(&id);
+                        self.insert(&id, ast);
+                    }
+                    Err(e) => {
+                        failed.push(id.clone());
+                        errors.push(serde_json::json!({
+                            "error": "parse", "id": id, "name": self.names.get(&id),
+                            "message": format!("the app server returned an invalid AST: {e}"),
+                        }))
+                    }
                 },
-                TransformResult::Error { error, .. } => errors.push(error),
+                TransformResult::Error { error, .. } => {
+                    failed.push(id);
+                    errors.push(error)
+                }
             }
         }
-        Ok(if errors.is_empty() {
+        let errors = if errors.is_empty() {
             String::new()
         } else {
             serde_json::Value::Array(errors).to_string()
-        })
+        };
+        Ok((errors, failed))
     }
 
     pub fn mark_failed(&mut self, hash: &str) {
@@ -122,6 +153,7 @@ impl GroupQueries {
     }
 
     pub fn forget(&mut self, hash: &str) {
+        self.stale.remove(hash);
         self.live.remove(hash);
         self.asts.remove(hash);
         self.tables.remove(hash);

@@ -215,6 +215,9 @@ impl Group {
         init: InitConnection,
     ) -> GroupResult<()> {
         self.check_client_schema(shard, init.client_schema.as_ref())?;
+        // zero-cache transforms every named query again on each new connection (its token
+        // may differ from the one they were transformed with).
+        self.queries.borrow_mut().mark_named_stale();
         let deleted = init
             .deleted
             .as_ref()
@@ -264,6 +267,21 @@ impl Group {
                 p.mark_dirty(&self.id);
             }
         }
+        Ok(())
+    }
+
+    /// `updateAuth`: a new token. When it differs, every named query is transformed again
+    /// with it (zero-cache re-transforms on an auth change): queries whose AST changed are
+    /// hydrated again, refused ones removed, and the client poked with the difference.
+    pub async fn update_auth(self: &Rc<Self>, shard: &Rc<Shard>, token: String) -> GroupResult<()> {
+        if self.token.borrow().as_deref() == Some(token.as_str()) {
+            return Ok(());
+        }
+        *self.token.borrow_mut() = Some(token);
+        let _permit = self.locked().await?;
+        self.queries.borrow_mut().mark_named_stale();
+        self.hydrate(shard).await?;
+        self.poke_all();
         Ok(())
     }
 
@@ -445,13 +463,15 @@ impl Group {
             .queries
             .borrow_mut()
             .needing_transform(&self.cvr.borrow());
+        let mut transform_failed = Vec::new();
         if !to_transform.is_empty() {
             let token = self.token.borrow().clone();
             let outcome = eval::transform(shard, token, to_transform).await?;
-            let errors = self.queries.borrow_mut().absorb(outcome)?;
+            let (errors, failed) = self.queries.borrow_mut().absorb(outcome)?;
             if !errors.is_empty() {
                 self.send_to_all(down::transform_error(&errors));
             }
+            transform_failed = failed;
         }
         let mut failed = Vec::new();
         self.in_snapshot(shard, |reader, cvr, at| {
@@ -459,6 +479,16 @@ impl Group {
             for hash in cvr.expired_queries() {
                 self.queries.borrow_mut().forget(&hash);
                 changed |= cvr.remove_query(&hash, at);
+            }
+            // A query the app server now refuses is removed with its rows (zero-cache's
+            // transform errors), and not asked for again until a client puts it again.
+            for hash in &transform_failed {
+                let mut queries = self.queries.borrow_mut();
+                queries.mark_failed(hash);
+                if cvr.queries.get(hash).is_some_and(|q| q.got.is_some()) {
+                    queries.forget(hash);
+                    changed |= cvr.remove_query(hash, at);
+                }
             }
             let pending: Vec<String> = self.queries.borrow().ungot_with_ast(cvr);
             for hash in pending {

@@ -32,13 +32,16 @@ export async function startAppServer({pgUrl}) {
       const body = await readBody(req);
       const url = new URL(req.url, 'http://127.0.0.1');
       const request = new Request(url, {method: req.method, headers: req.headers, body: req.method === 'GET' ? undefined : body});
-      // no real auth: the user is the opaque token the sync server forwards as a bearer token
-      const userID = (req.headers.authorization ?? '').replace(/^Bearer\s+/i, '') || 'anon';
+      // no real auth: the opaque token the sync server forwards as a bearer token is
+      // `<userID>[:<role>]`
+      const token = (req.headers.authorization ?? '').replace(/^Bearer\s+/i, '');
+      const [user, role] = token.split(':');
+      const userID = user || 'anon';
       let result;
       if (url.pathname.endsWith('/query')) {
         calls.query++;
         result = await handleQueryRequest({
-          handler: (name, args) => mustGetQuery(queries, name).fn({args, ctx: {userID}}),
+          handler: (name, args) => mustGetQuery(queries, name).fn({args, ctx: {userID, role}}),
           schema, request, userID,
         });
       } else if (url.pathname.endsWith('/mutate')) {

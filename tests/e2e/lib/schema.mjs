@@ -38,6 +38,11 @@ export const queries = defineQueries({
     zql.issue.where('owner_id', args.owner).orderBy('created', 'desc').limit(args.limit ?? 100)
       .related('comments')),
   issueById: defineQuery(({args}) => zql.issue.where('id', args.id).related('owner').one()),
+  // the viewer's newest issues, 20 or, for the role 'more', 40: the viewer and role come from the
+  // auth token on the app server (ctx) and from the client's `context` option on the client
+  issuesOfViewer: defineQuery(({ctx}) =>
+    zql.issue.where('owner_id', ctx?.userID ?? '').orderBy('created', 'desc')
+      .limit(ctx?.role === 'more' ? 40 : 20)),
 });
 
 export const mutators = defineMutators({

@@ -590,3 +590,25 @@ test('SIGTERM with clients connected: exit 0 within seconds, clients reconnect a
   await closeClient(z1);
   await closeClient(z2);
 });
+
+test('a new auth token (updateAuth) has the named queries transformed again with it', {timeout: testMs}, async () => {
+  const newest = async n => (await sql`
+    select id from issue where owner_id = 'u5' order by created desc, id collate "C" limit ${n}`).map(r => r.id);
+  const z = newClient({storageKey: 'auth', userID: 'u5', auth: 'u5', context: {userID: 'u5'}});
+  const v = materialize(z, queries.issuesOfViewer(), 'issues of the viewer');
+  const snap = await hydrated(v, 'viewer query');
+  const first20 = await newest(20);
+  assert.deepStrictEqual(snap.data.map(i => i.id), first20, "the view holds u5's 20 newest issues");
+  await waitForStore(z, 'issue', first20, "u5's 20 newest issues in the store");
+  await waitForState(z, s => s.name === 'connected', 'connected');
+
+  // a new token of the same user on the open connection: the server asks the app server again,
+  // with the new token, and the store follows what the query now means (40 issues)
+  const queryCalls = app.calls.query;
+  const index = sockets.length;
+  await z.connection.connect({auth: 'u5:more'});
+  await waitForStore(z, 'issue', await newest(40), "after updateAuth: u5's 40 newest issues");
+  assert.ok(app.calls.query > queryCalls, 'the query was transformed again');
+  assert.equal(sockets.length, index, 'on the same socket (no reconnect)');
+  await closeClient(z);
+});
