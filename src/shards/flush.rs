@@ -54,9 +54,14 @@ impl CvrPersistence {
     }
 
     /// The stored record of `group`, or None for a group the database never saw.
+    /// A database that cannot be reached is worth another try: the client is told to
+    /// reconnect with backoff (Rehome) rather than put in its terminal error state.
     pub async fn load(&self, group: &str) -> Result<Option<Cvr>, ProtocolError> {
         let loaded = self.load_stored(group).await;
-        let loaded = loaded.map_err(|e| internal(&e.to_string()))?;
+        let loaded = loaded.map_err(|e| {
+            tracing::warn!(group, error = %e, "cannot load the client view record");
+            ProtocolError::new(ErrorKind::Rehome, format!("{e}; reconnect later"))
+        })?;
         match loaded {
             None => Ok(None),
             Some(l) => Cvr::from_stored(group, l)
