@@ -381,7 +381,7 @@ async fn handle_text(
                 .change_desired_queries(shard, &conn.client_id, &c.desired_queries_patch)
                 .await
         }
-        Upstream::Push(header, body) => super::push::push(shard, group, conn, header, body),
+        Upstream::Push(header, body) => super::push::push(shard, group, header, body),
         Upstream::UpdateAuth(token) => {
             *group.token.borrow_mut() = Some(token);
             Ok(())
@@ -568,7 +568,7 @@ mod tests {
         f: impl FnOnce() -> F + Send + 'static,
     ) {
         glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
-            .spawn(move || f())
+            .spawn(f)
             .expect("executor")
             .join()
             .expect("join");
