@@ -9,6 +9,11 @@ use std::fmt::Write;
 
 /// zero-cache flushes a `pokePart` every 100 patch entries (`PART_COUNT_FLUSH_THRESHOLD`).
 pub const POKE_PART_PATCHES_MAX: usize = 100;
+/// A `pokePart` is also flushed once its entries pass this size, so that no frame is huge
+/// (100 wide rows can be many megabytes). One entry larger than this is a part on its own.
+pub const POKE_PART_BYTES_MAX: usize = 1024 * 1024;
+/// JSON around a query or lmid entry beyond its strings (`{"op":"put","hash":...}` etc.).
+const ENTRY_OVERHEAD_BYTES: usize = 32;
 
 pub fn connected(wsid: &str, timestamp_ms: u64) -> String {
     let mut s = String::from("[\"connected\",{\"wsid\":");
@@ -71,6 +76,8 @@ pub struct PokeBuilder {
 #[derive(Default)]
 struct Part {
     entries: usize,
+    /// The encoded size of the entries so far (queries and lmids estimated).
+    bytes: usize,
     desired: Vec<(String, QueryOp, String)>,
     got: Vec<(QueryOp, String)>,
     lmids: Vec<(String, u64)>,
@@ -95,28 +102,57 @@ impl PokeBuilder {
         }
     }
 
-    fn counted(&mut self) {
+    /// Makes room for an entry of `bytes`: flushes the part first if the entry would take
+    /// it past `POKE_PART_BYTES_MAX`.
+    fn admit(&mut self, bytes: usize) {
+        if self.part.entries > 0 && self.part.bytes + bytes > POKE_PART_BYTES_MAX {
+            self.flush_part();
+        }
+    }
+
+    fn counted(&mut self, bytes: usize) {
         self.part.entries += 1;
-        if self.part.entries >= POKE_PART_PATCHES_MAX {
+        self.part.bytes += bytes;
+        if self.part.entries >= POKE_PART_PATCHES_MAX || self.part.bytes >= POKE_PART_BYTES_MAX {
             self.flush_part();
         }
     }
 
     pub fn desired_query(&mut self, client_id: &str, op: QueryOp, hash: &str) {
+        let bytes = client_id.len() + hash.len() + ENTRY_OVERHEAD_BYTES;
+        self.admit(bytes);
         self.part
             .desired
             .push((client_id.to_string(), op, hash.to_string()));
-        self.counted();
+        self.counted(bytes);
     }
 
     pub fn got_query(&mut self, op: QueryOp, hash: &str) {
+        let bytes = hash.len() + ENTRY_OVERHEAD_BYTES;
+        self.admit(bytes);
         self.part.got.push((op, hash.to_string()));
-        self.counted();
+        self.counted(bytes);
     }
 
     pub fn last_mutation_id(&mut self, client_id: &str, lmid: u64) {
+        let bytes = client_id.len() + ENTRY_OVERHEAD_BYTES;
+        self.admit(bytes);
         self.part.lmids.push((client_id.to_string(), lmid));
-        self.counted();
+        self.counted(bytes);
+    }
+
+    fn push_row(&mut self, encoded: String) {
+        let bytes = encoded.len() + 1;
+        self.admit(bytes);
+        self.part.rows.push(encoded);
+        self.counted(bytes);
+    }
+
+    fn push_mutation(&mut self, encoded: String) {
+        let bytes = encoded.len() + 1;
+        self.admit(bytes);
+        self.part.mutations.push(encoded);
+        self.counted(bytes);
     }
 
     pub fn put_row(&mut self, spec: &TableSpec, row: &Row) {
@@ -125,8 +161,7 @@ impl PokeBuilder {
         s.push_str(",\"value\":");
         write_row_object(spec, row, &mut s);
         s.push('}');
-        self.part.rows.push(s);
-        self.counted();
+        self.push_row(s);
     }
 
     /// `id_json` is the primary-key object, e.g. `{"id":"i1"}`.
@@ -136,8 +171,7 @@ impl PokeBuilder {
         s.push_str(",\"id\":");
         s.push_str(id_json);
         s.push('}');
-        self.part.rows.push(s);
-        self.counted();
+        self.push_row(s);
     }
 
     /// A `mutationsPatch` put: `result_json` is the stored result object.
@@ -145,16 +179,14 @@ impl PokeBuilder {
         let mut s = String::from("{\"op\":\"put\",\"mutation\":{\"id\":{\"clientID\":");
         write_json_string(client_id, &mut s);
         let _ = write!(s, ",\"id\":{id}}},\"result\":{result_json}}}}}");
-        self.part.mutations.push(s);
-        self.counted();
+        self.push_mutation(s);
     }
 
     pub fn del_mutation_result(&mut self, client_id: &str, id: u64) {
         let mut s = String::from("{\"op\":\"del\",\"id\":{\"clientID\":");
         write_json_string(client_id, &mut s);
         let _ = write!(s, ",\"id\":{id}}}}}");
-        self.part.mutations.push(s);
-        self.counted();
+        self.push_mutation(s);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -344,6 +376,84 @@ mod tests {
         let first: serde_json::Value = serde_json::from_str(&msgs[1]).expect("json");
         assert_eq!(first[1]["desiredQueriesPatches"]["c1"][0]["hash"], "h1");
         assert_eq!(first[1]["rowsPatch"].as_array().map(|a| a.len()), Some(98));
+    }
+
+    fn wide_row(id: usize, body_bytes: usize) -> Row {
+        vec![
+            Value::Text(format!("i{id}")),
+            Value::Text("x".repeat(body_bytes)),
+        ]
+    }
+
+    fn wide_spec() -> TableSpec {
+        let mut spec = issue_spec();
+        spec.columns[1] = ColumnSpec {
+            name: "body".into(),
+            kind: ColumnKind::String,
+            pg_type_oid: 25,
+        };
+        spec
+    }
+
+    fn parts(msgs: &[String]) -> Vec<serde_json::Value> {
+        msgs[1..msgs.len() - 1]
+            .iter()
+            .map(|m| serde_json::from_str(m).expect("json"))
+            .collect()
+    }
+
+    #[test]
+    fn parts_split_by_bytes() {
+        let spec = wide_spec();
+        let mut p = PokeBuilder::new("p", None);
+        // 40 rows of ~100 KiB: 100 entries would be ~4 MiB in one frame
+        for i in 0..40 {
+            p.put_row(&spec, &wide_row(i, 100 * 1024));
+        }
+        let msgs = p.finish("c");
+        let parts = parts(&msgs);
+        assert!(parts.len() >= 4, "{} parts", parts.len());
+        let mut ids = Vec::new();
+        for (m, part) in msgs[1..msgs.len() - 1].iter().zip(&parts) {
+            assert!(
+                m.len() <= POKE_PART_BYTES_MAX + 1024,
+                "part of {} bytes",
+                m.len()
+            );
+            for r in part[1]["rowsPatch"].as_array().expect("rows") {
+                ids.push(r["value"]["id"].as_str().expect("id").to_string());
+            }
+        }
+        let want: Vec<String> = (0..40).map(|i| format!("i{i}")).collect();
+        assert_eq!(ids, want, "every row once, in order");
+    }
+
+    #[test]
+    fn an_oversized_row_is_a_part_on_its_own() {
+        let spec = wide_spec();
+        let mut p = PokeBuilder::new("p", None);
+        p.got_query(QueryOp::Put, "h1");
+        p.put_row(&spec, &wide_row(1, 10));
+        p.put_row(&spec, &wide_row(2, POKE_PART_BYTES_MAX + 10));
+        p.put_row(&spec, &wide_row(3, 10));
+        let msgs = p.finish("c");
+        let parts = parts(&msgs);
+        assert_eq!(parts.len(), 3);
+        assert_eq!(parts[0][1]["gotQueriesPatch"][0]["hash"], "h1");
+        assert_eq!(parts[0][1]["rowsPatch"][0]["value"]["id"], "i1");
+        assert_eq!(parts[1][1]["rowsPatch"].as_array().map(Vec::len), Some(1));
+        assert_eq!(parts[1][1]["rowsPatch"][0]["value"]["id"], "i2");
+        assert_eq!(parts[2][1]["rowsPatch"][0]["value"]["id"], "i3");
+    }
+
+    #[test]
+    fn small_entries_split_only_by_count() {
+        let mut p = PokeBuilder::new("p", None);
+        for i in 0..POKE_PART_PATCHES_MAX {
+            p.put_mutation_result("c1", i as u64, "{}");
+        }
+        let msgs = p.finish("c");
+        assert_eq!(msgs.len(), 3, "one full part");
     }
 
     #[test]

@@ -21,10 +21,94 @@ use std::rc::Rc;
 /// Frames queued for one socket before the client counts as too slow and is disconnected
 /// (it reconnects and catches up from its cookie).
 pub const OUTBOUND_FRAMES_MAX: usize = 4096;
+/// Bytes queued for one socket before the client counts as too slow. Frames are shared
+/// between the sockets of a group, but each socket counts its whole view of them: a lagging
+/// socket is what keeps them alive.
+pub const OUTBOUND_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// WebSocket close code for a lagging client: "try again later". The Zero client reconnects
+/// with backoff after any close without an error frame (except 1009), and resumes from its
+/// cookie.
+pub const CLOSE_CODE_TRY_AGAIN_LATER: u16 = 1013;
+/// Time the writer gives the close frame of a lagging client before dropping the socket.
+const LAGGING_CLOSE_TIMEOUT_MS: u64 = 1000;
 
 enum Outbound {
     Frame(Bytes),
     Close(Bytes),
+}
+
+impl Outbound {
+    fn len(&self) -> usize {
+        match self {
+            Outbound::Frame(f) | Outbound::Close(f) => f.len(),
+        }
+    }
+}
+
+/// What one socket has queued and not yet written, shared by the shard (which queues) and
+/// the socket's writer task (which writes and discounts).
+#[derive(Default)]
+pub struct Outflow {
+    bytes: Cell<usize>,
+    frames: Cell<usize>,
+    lagging: Cell<bool>,
+    /// The writer, parked on `lagging()` while it waits for a frame or the socket.
+    waker: std::cell::RefCell<Option<std::task::Waker>>,
+}
+
+impl Outflow {
+    pub fn queued_bytes(&self) -> usize {
+        self.bytes.get()
+    }
+
+    pub fn queued_frames(&self) -> usize {
+        self.frames.get()
+    }
+
+    pub fn is_lagging(&self) -> bool {
+        self.lagging.get()
+    }
+
+    /// Counts `len` more bytes as queued, unless that passes either limit. A frame larger
+    /// than the byte limit still goes out when nothing else is queued.
+    pub fn reserve(&self, len: usize) -> bool {
+        let (bytes, frames) = (self.bytes.get(), self.frames.get());
+        if self.lagging.get()
+            || frames >= OUTBOUND_FRAMES_MAX
+            || (bytes > 0 && bytes.saturating_add(len) > OUTBOUND_BYTES_MAX)
+        {
+            return false;
+        }
+        self.bytes.set(bytes + len);
+        self.frames.set(frames + 1);
+        true
+    }
+
+    /// One frame of `len` bytes left the queue (written, discarded, or never sent).
+    pub fn release(&self, len: usize) {
+        debug_assert!(self.frames.get() > 0 && self.bytes.get() >= len);
+        self.bytes.set(self.bytes.get().saturating_sub(len));
+        self.frames.set(self.frames.get().saturating_sub(1));
+    }
+
+    /// Marks the socket as lagging and wakes its writer, which stops writing at once.
+    pub fn set_lagging(&self) {
+        self.lagging.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    /// Resolves once the socket is marked lagging.
+    pub fn lagging(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.lagging.get() {
+                return std::task::Poll::Ready(());
+            }
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+    }
 }
 
 /// The shard's handle on one socket.
@@ -37,6 +121,7 @@ pub struct Conn {
     pub poked: Cell<bool>,
     /// Dropped when the socket is done, which ends the writer task.
     out: std::cell::RefCell<Option<LocalSender<Outbound>>>,
+    flow: Rc<Outflow>,
     closed: Cell<bool>,
 }
 
@@ -55,15 +140,39 @@ impl Conn {
         if self.closed.get() {
             return;
         }
-        let full = match &*self.out.borrow() {
-            Some(out) => out.try_send(item).is_err(),
-            None => false,
+        let len = item.len();
+        let queued = match &*self.out.borrow() {
+            Some(out) => {
+                self.flow.reserve(len)
+                    && out
+                        .try_send(item)
+                        .map_err(|_| self.flow.release(len))
+                        .is_ok()
+            }
+            None => true,
         };
-        if full {
-            tracing::warn!(client = %self.client_id, "outbound queue full: closing the socket");
-            self.closed.set(true);
-            self.out.borrow_mut().take();
+        if !queued {
+            self.lagging();
         }
+    }
+
+    /// The client does not read fast enough: stop queuing, and let the writer drop what is
+    /// queued and close with 1013 so the client reconnects and catches up from its cookie.
+    fn lagging(&self) {
+        tracing::warn!(
+            client = %self.client_id,
+            queued_bytes = self.flow.queued_bytes(),
+            queued_frames = self.flow.queued_frames(),
+            "client is not reading fast enough: closing its socket (1013)"
+        );
+        self.closed.set(true);
+        self.flow.set_lagging();
+        self.out.borrow_mut().take();
+    }
+
+    /// Whether this socket was closed for lagging.
+    pub fn is_lagging(&self) -> bool {
+        self.flow.is_lagging()
     }
 
     /// Sends `['error', ...]` and closes (zero-cache closes after every error frame).
@@ -146,13 +255,32 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
         return;
     }
     let _ = stream.set_nodelay(true);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let (reader, writer) = futures_lite::io::split(stream);
     let (tx, rx) = local_channel::new_bounded(OUTBOUND_FRAMES_MAX);
-    glommio::spawn_local(write_loop(WsWriter::new(writer), rx)).detach();
+    let flow = Rc::new(Outflow::default());
+    let shutdown = move || {
+        // Safety: the writer calls this while it holds the write half, so the socket (and
+        // `fd`) is still open. Shutting both directions also ends the reader's pending recv.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    };
+    glommio::spawn_local(write_loop(
+        WsWriter::new(writer),
+        rx,
+        flow.clone(),
+        shutdown,
+    ))
+    .detach();
 
     let early = |err: ProtocolError| {
-        let _ = tx.try_send(Outbound::Frame(text_frame(down::error(&err).as_bytes())));
-        let _ = tx.try_send(Outbound::Close(close_frame(1000, "")));
+        for item in [
+            Outbound::Frame(text_frame(down::error(&err).as_bytes())),
+            Outbound::Close(close_frame(1000, "")),
+        ] {
+            if flow.reserve(item.len()) && tx.try_send(item).is_err() {
+                debug_assert!(false, "a new socket's queue is empty");
+            }
+        }
     };
     let version = protocol_version(&req.path).unwrap_or(0);
     if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION_MAX).contains(&version) {
@@ -189,6 +317,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
         cookie: Cell::new(base),
         poked: Cell::new(false),
         out: std::cell::RefCell::new(Some(tx)),
+        flow,
         closed: Cell::new(false),
     });
     conn.send_text(&down::connected(&params.wsid, now_ms()));
@@ -252,7 +381,7 @@ async fn handle_text(
                 .change_desired_queries(shard, &conn.client_id, &c.desired_queries_patch)
                 .await
         }
-        Upstream::Push(header, body) => super::push::push(shard, group, conn, header, body),
+        Upstream::Push(header, body) => super::push::push(shard, group, header, body),
         Upstream::UpdateAuth(token) => group.update_auth(shard, token).await,
         Upstream::AckMutationResponses(ack) => {
             super::push::cleanup_results(shard, group, &ack.client_id, ack.id);
@@ -273,22 +402,88 @@ async fn handle_text(
     }
 }
 
+/// How the writer stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum WriteEnd {
+    /// A close frame was sent, the queue ended, or the socket failed.
+    Done,
+    /// The client lags; no frame is half written.
+    LaggingBetweenFrames,
+    /// The client lags with a frame half written: no close frame can follow.
+    LaggingMidFrame,
+}
+
 /// Writes queued frames until a close frame, an error, or the queue's end; then shuts the
-/// socket's write side so the client sees the end and the reader half finishes too.
+/// socket's write side so the client sees the end and the reader half finishes too. When the
+/// socket is marked lagging it stops at once, even inside a write the client never reads:
+/// it discards what is queued, sends close 1013 if it can, and shuts the socket down both ways.
 async fn write_loop<W: futures_lite::io::AsyncWrite + Unpin>(
     mut ws: WsWriter<W>,
     rx: local_channel::LocalReceiver<Outbound>,
+    flow: Rc<Outflow>,
+    shutdown: impl FnOnce(),
 ) {
-    while let Some(item) = rx.recv().await {
+    let end = write_frames(&mut ws, &rx, &flow).await;
+    if end != WriteEnd::Done {
+        // Frees the queued frames now, not when the socket is gone.
+        while let Some(Some(item)) = futures_lite::future::poll_once(rx.recv()).await {
+            flow.release(item.len());
+        }
+    }
+    if end == WriteEnd::LaggingBetweenFrames {
+        let close = close_frame(
+            CLOSE_CODE_TRY_AGAIN_LATER,
+            "client is not reading fast enough",
+        );
+        let timeout =
+            glommio::timer::sleep(std::time::Duration::from_millis(LAGGING_CLOSE_TIMEOUT_MS));
+        let _ = futures_lite::future::or(async { Some(ws.send_frame(&close).await) }, async {
+            timeout.await;
+            None
+        })
+        .await;
+    }
+    if end != WriteEnd::Done {
+        shutdown();
+    }
+    let _ = ws.into_inner().close().await;
+}
+
+async fn write_frames<W: futures_lite::io::AsyncWrite + Unpin>(
+    ws: &mut WsWriter<W>,
+    rx: &local_channel::LocalReceiver<Outbound>,
+    flow: &Outflow,
+) -> WriteEnd {
+    use futures_lite::future::or;
+    loop {
+        let next = or(async { Some(rx.recv().await) }, async {
+            flow.lagging().await;
+            None
+        })
+        .await;
+        let item = match next {
+            None => return WriteEnd::LaggingBetweenFrames,
+            Some(None) => return WriteEnd::Done,
+            Some(Some(item)) => item,
+        };
+        let len = item.len();
         let (frame, last) = match item {
             Outbound::Frame(f) => (f, false),
             Outbound::Close(f) => (f, true),
         };
-        if ws.send_frame(&frame).await.is_err() || last {
-            break;
+        let sent = or(async { Some(ws.send_frame(&frame).await) }, async {
+            flow.lagging().await;
+            None
+        })
+        .await;
+        flow.release(len);
+        match sent {
+            None => return WriteEnd::LaggingMidFrame,
+            Some(Err(_)) => return WriteEnd::Done,
+            Some(Ok(())) if last => return WriteEnd::Done,
+            Some(Ok(())) => {}
         }
     }
-    let _ = ws.into_inner().close().await;
 }
 
 /// Answers a plain HTTP request (health checks: zero-cache answers `GET /` with "OK").
@@ -304,7 +499,179 @@ pub async fn serve_http(mut stream: TcpStream, req: &UpgradeRequest) {
 
 #[cfg(test)]
 mod tests {
-    use super::protocol_version;
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    #[test]
+    fn outflow_counts_bytes_and_frames() {
+        let flow = Outflow::default();
+        assert!(flow.reserve(OUTBOUND_BYTES_MAX - 10));
+        assert!(flow.reserve(10), "exactly at the byte limit is allowed");
+        assert!(!flow.reserve(1), "one byte more is not");
+        assert_eq!(flow.queued_bytes(), OUTBOUND_BYTES_MAX);
+        assert_eq!(flow.queued_frames(), 2);
+        flow.release(OUTBOUND_BYTES_MAX - 10);
+        assert!(flow.reserve(1000));
+        assert_eq!(flow.queued_bytes(), 1010);
+        flow.release(10);
+        flow.release(1000);
+        assert_eq!((flow.queued_bytes(), flow.queued_frames()), (0, 0));
+    }
+
+    #[test]
+    fn outflow_takes_one_oversized_frame_when_empty() {
+        let flow = Outflow::default();
+        assert!(flow.reserve(OUTBOUND_BYTES_MAX * 2));
+        assert!(!flow.reserve(1));
+        flow.release(OUTBOUND_BYTES_MAX * 2);
+        assert!(flow.reserve(1));
+    }
+
+    #[test]
+    fn outflow_limits_frames_and_refuses_once_lagging() {
+        let flow = Outflow::default();
+        for _ in 0..OUTBOUND_FRAMES_MAX {
+            assert!(flow.reserve(1));
+        }
+        assert!(!flow.reserve(1));
+        flow.release(1);
+        assert!(flow.reserve(1));
+        flow.set_lagging();
+        flow.release(1);
+        assert!(!flow.reserve(1), "a lagging socket takes nothing more");
+    }
+
+    /// A socket the client never reads: every write stays pending.
+    struct Stuck;
+
+    impl futures_lite::io::AsyncWrite for Stuck {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Pending
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn run_local<F: std::future::Future<Output = ()> + 'static>(
+        f: impl FnOnce() -> F + Send + 'static,
+    ) {
+        glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .spawn(f)
+            .expect("executor")
+            .join()
+            .expect("join");
+    }
+
+    #[test]
+    fn lagging_writer_stops_inside_a_stuck_write_and_discards_the_queue() {
+        run_local(|| async {
+            let (tx, rx) = local_channel::new_bounded(OUTBOUND_FRAMES_MAX);
+            let flow = Rc::new(Outflow::default());
+            let shut = Rc::new(Cell::new(false));
+            let shut2 = shut.clone();
+            let writer = glommio::spawn_local(write_loop(
+                WsWriter::new(Stuck),
+                rx,
+                flow.clone(),
+                move || shut2.set(true),
+            ));
+            let frame = Bytes::from(vec![b'x'; 4096]);
+            for _ in 0..8 {
+                assert!(flow.reserve(frame.len()));
+                assert!(tx.try_send(Outbound::Frame(frame.clone())).is_ok());
+            }
+            glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
+            assert_eq!(flow.queued_frames(), 8, "the first write never completes");
+            flow.set_lagging();
+            drop(tx);
+            writer.await;
+            assert!(shut.get(), "the socket is shut down");
+            assert_eq!((flow.queued_bytes(), flow.queued_frames()), (0, 0));
+        });
+    }
+
+    #[test]
+    fn writer_drains_in_order_until_the_close_frame() {
+        run_local(|| async {
+            let (tx, rx) = local_channel::new_bounded(OUTBOUND_FRAMES_MAX);
+            let flow = Rc::new(Outflow::default());
+            let sink = Rc::new(std::cell::RefCell::new(Vec::new()));
+            let shut = Rc::new(Cell::new(false));
+            let shut2 = shut.clone();
+            let out = SharedSink(sink.clone());
+            let writer = glommio::spawn_local(write_loop(
+                WsWriter::new(out),
+                rx,
+                flow.clone(),
+                move || shut2.set(true),
+            ));
+            for item in [
+                Outbound::Frame(Bytes::from_static(b"one")),
+                Outbound::Frame(Bytes::from_static(b"two")),
+                Outbound::Close(Bytes::from_static(b"end")),
+                Outbound::Frame(Bytes::from_static(b"never")),
+            ] {
+                assert!(flow.reserve(item.len()));
+                assert!(tx.try_send(item).is_ok());
+            }
+            writer.await;
+            assert_eq!(sink.borrow().as_slice(), b"onetwoend");
+            assert!(!shut.get(), "an orderly close only shuts the write side");
+        });
+    }
+
+    #[test]
+    fn lagging_idle_writer_sends_close_1013() {
+        run_local(|| async {
+            let (tx, rx) = local_channel::new_bounded::<Outbound>(OUTBOUND_FRAMES_MAX);
+            let flow = Rc::new(Outflow::default());
+            let sink = Rc::new(std::cell::RefCell::new(Vec::new()));
+            let shut = Rc::new(Cell::new(false));
+            let shut2 = shut.clone();
+            let writer = glommio::spawn_local(write_loop(
+                WsWriter::new(SharedSink(sink.clone())),
+                rx,
+                flow.clone(),
+                move || shut2.set(true),
+            ));
+            glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+            flow.set_lagging();
+            writer.await;
+            drop(tx);
+            let out = sink.borrow();
+            assert_eq!(out[0], 0x88, "a close frame");
+            assert_eq!(&out[2..4], &CLOSE_CODE_TRY_AGAIN_LATER.to_be_bytes());
+            assert!(shut.get());
+        });
+    }
+
+    struct SharedSink(Rc<std::cell::RefCell<Vec<u8>>>);
+
+    impl futures_lite::io::AsyncWrite for SharedSink {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.0.borrow_mut().extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
 
     #[test]
     fn version_from_path() {

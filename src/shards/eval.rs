@@ -210,22 +210,17 @@ pub async fn transform(
 }
 
 fn transform_failed(e: &AppServerError, ids: &[String]) -> ProtocolError {
-    let (kind, reason, status) = match e {
-        AppServerError::Unauthorized(code, _) => (ErrorKind::TransformFailed, "http", Some(*code)),
-        AppServerError::Http(code, _) => (ErrorKind::TransformFailed, "http", Some(*code)),
-        AppServerError::BadResponse(_) => (ErrorKind::TransformFailed, "parse", None),
-        _ => (ErrorKind::TransformFailed, "internal", None),
-    };
-    let mut extra = serde_json::json!({"origin": "zeroCache", "reason": reason, "queryIDs": ids});
-    if let Some(s) = status {
-        extra["status"] = s.into();
+    // The app server's own TransformFailed body goes to the client as it is (zero-cache).
+    if let AppServerError::Failed(serde_json::Value::Object(body)) = e {
+        return ProtocolError::from_body(ErrorKind::TransformFailed, body);
     }
-    let extra = extra.to_string();
-    ProtocolError {
-        kind,
-        message: format!("Failed to transform queries: {e}"),
-        extra_json: Some(extra[1..extra.len() - 1].to_string()),
-    }
+    let mut fields = e.body_fields();
+    fields.insert("queryIDs".into(), ids.into());
+    ProtocolError::with_fields(
+        ErrorKind::TransformFailed,
+        e.client_message("Failed to transform queries"),
+        fields,
+    )
 }
 
 /// Hydrates one query against the open snapshot and stores its rows in the CVR.

@@ -2,14 +2,14 @@
 //! push at a time per client group so each client's mutations arrive in order. Success is
 //! not answered on the socket: the client learns of it from the replicated `clients` row.
 
-use super::conn::{now_ms, Conn};
+use super::conn::now_ms;
 use super::group::Group;
 use super::Shard;
 use crate::appserver::AppServerError;
 use crate::protocol::up::PushHeader;
 use crate::protocol::{ErrorKind, ProtocolError};
 use glommio::channels::local_channel::{self, LocalSender};
-use serde_json::{json, Value as Json};
+use serde_json::{json, Map, Value as Json};
 use std::rc::{Rc, Weak};
 
 /// Pushes waiting for the app server per client group; past it the client is told the
@@ -19,8 +19,9 @@ pub const PENDING_PUSHES_MAX: usize = 1024;
 pub struct PushJob {
     body: String,
     token: Option<String>,
-    /// The socket to report failures to; gone if the client disconnected meanwhile.
-    conn: Option<Weak<Conn>>,
+    /// The group whose sockets hear of failures; None for cleanup pushes, whose failures
+    /// are only logged.
+    group: Option<Weak<Group>>,
     /// (clientID, id) of every mutation in the push.
     mutation_ids: Vec<(String, u64)>,
 }
@@ -48,7 +49,6 @@ fn pusher(shard: &Rc<Shard>, group: &Rc<Group>) -> Pusher {
 pub fn push(
     shard: &Rc<Shard>,
     group: &Rc<Group>,
-    conn: &Rc<Conn>,
     header: PushHeader,
     body: String,
 ) -> Result<(), ProtocolError> {
@@ -79,7 +79,7 @@ pub fn push(
     let job = PushJob {
         body,
         token: group.token.borrow().clone(),
-        conn: Some(Rc::downgrade(conn)),
+        group: Some(Rc::downgrade(group)),
         mutation_ids: header
             .mutations
             .iter()
@@ -113,7 +113,7 @@ pub fn cleanup_results(shard: &Rc<Shard>, group: &Rc<Group>, client_id: &str, up
     let job = PushJob {
         body: body.to_string(),
         token: group.token.borrow().clone(),
-        conn: None,
+        group: None,
         mutation_ids: Vec::new(),
     };
     if pusher(shard, group).try_send(job).is_err() {
@@ -144,7 +144,7 @@ pub fn cleanup_results_bulk(shard: &Rc<Shard>, group: &Rc<Group>, client_ids: &[
     let job = PushJob {
         body: body.to_string(),
         token: group.token.borrow().clone(),
-        conn: None,
+        group: None,
         mutation_ids: Vec::new(),
     };
     if pusher(shard, group).try_send(job).is_err() {
@@ -158,121 +158,279 @@ async fn run(shard: &Shard, job: PushJob) {
     let result = glommio::executor()
         .spawn_blocking(move || app.push(token.as_deref(), &body))
         .await;
-    let failure = match result {
-        Ok(resp) => failure_in_response(&resp, &job.mutation_ids),
-        Err(e) => Some(push_failed_from_error(&e, &job.mutation_ids)),
+    let failures = match &result {
+        Ok(resp) => failures_in_response(resp),
+        Err(e) => failures_from_error(e, &job.mutation_ids),
     };
-    if let Some(err) = failure {
-        match job.conn.and_then(|w| w.upgrade()) {
+    let Some(group) = job.group.and_then(|g| g.upgrade()) else {
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "mutation-result cleanup failed");
+        }
+        return;
+    };
+    for (client_id, err) in failures {
+        let conn = group.conns.borrow().get(&client_id).cloned();
+        match conn {
             Some(conn) => conn.fail(&err),
-            None => tracing::warn!(error = %err, "push failed after its client left"),
+            None => {
+                tracing::warn!(client = %client_id, error = %err, "push failed after its client left")
+            }
         }
     }
 }
 
-fn mutation_ids_json(ids: &[(String, u64)]) -> Json {
+fn mutation_ids_json<'a>(ids: impl IntoIterator<Item = &'a (String, u64)>) -> Json {
     Json::Array(
-        ids.iter()
+        ids.into_iter()
             .map(|(c, id)| json!({"id": id, "clientID": c}))
             .collect(),
     )
 }
 
-fn push_failed(
-    origin: &str,
-    reason: &str,
-    message: String,
-    ids: &[(String, u64)],
-    extra: Option<(&str, Json)>,
-) -> ProtocolError {
-    let mut body =
-        json!({"origin": origin, "reason": reason, "mutationIDs": mutation_ids_json(ids)});
-    if let Some((k, v)) = extra {
-        body[k] = v;
-    }
-    let text = body.to_string();
-    ProtocolError {
-        kind: ErrorKind::PushFailed,
-        message,
-        extra_json: Some(text[1..text.len() - 1].to_string()),
-    }
-}
-
-fn push_failed_from_error(e: &AppServerError, ids: &[(String, u64)]) -> ProtocolError {
-    let status = match e {
-        AppServerError::Unauthorized(code, _) | AppServerError::Http(code, _) => {
-            Some(("status", json!(code)))
+/// (clientID, that client's mutation IDs) in first-seen order: zero-cache tells each
+/// connected client of a failed push about its own mutations only.
+fn by_client(ids: &[(String, u64)]) -> Vec<(String, Vec<(String, u64)>)> {
+    let mut out: Vec<(String, Vec<(String, u64)>)> = Vec::new();
+    for (c, id) in ids {
+        match out.iter_mut().find(|(k, _)| k == c) {
+            Some((_, v)) => v.push((c.clone(), *id)),
+            None => out.push((c.clone(), vec![(c.clone(), *id)])),
         }
-        _ => None,
-    };
-    let reason = if status.is_some() { "http" } else { "internal" };
-    push_failed(
-        "zeroCache",
-        reason,
-        format!("Failed to push mutations: {e}"),
-        ids,
-        status,
-    )
+    }
+    out
 }
 
-/// The app server's answer: a PushFailed body, a legacy error, or an `oooMutation` result
-/// fail the connection; app errors and alreadyProcessed results are the app's business.
-fn failure_in_response(resp: &Json, ids: &[(String, u64)]) -> Option<ProtocolError> {
+fn push_failed(
+    message: String,
+    mut fields: Map<String, Json>,
+    ids: &[(String, u64)],
+) -> ProtocolError {
+    fields.insert("mutationIDs".into(), mutation_ids_json(ids));
+    ProtocolError::with_fields(ErrorKind::PushFailed, message, fields)
+}
+
+/// The call itself failed (non-2xx, unreachable, unparsable): zero-cache's `apiFailedBody`
+/// with the push's mutation IDs, to every client that has mutations in the push.
+fn failures_from_error(e: &AppServerError, ids: &[(String, u64)]) -> Vec<(String, ProtocolError)> {
+    let message = e.client_message("Failed to push");
+    by_client(ids)
+        .into_iter()
+        .map(|(client, own)| {
+            let err = push_failed(message.clone(), e.body_fields(), &own);
+            (client, err)
+        })
+        .collect()
+}
+
+/// The mutation IDs an app server's error body names.
+fn named_ids(resp: &Json) -> Vec<(String, u64)> {
+    resp.get("mutationIDs")
+        .and_then(Json::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|m| Some((m["clientID"].as_str()?.to_string(), m["id"].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The app server's answer (zero-cache's `#fanOutResponses`): a `PushFailed` body goes as
+/// it is to each client it names; a legacy `{error}` body becomes zero-cache's PushFailed
+/// per client; an `oooMutation` result fails its client. App errors and alreadyProcessed
+/// results are the app's business.
+fn failures_in_response(resp: &Json) -> Vec<(String, ProtocolError)> {
     if resp.get("kind").and_then(Json::as_str) == Some("PushFailed") {
-        let reason = resp
-            .get("reason")
-            .and_then(Json::as_str)
-            .unwrap_or("internal");
-        let message = resp
-            .get("message")
-            .and_then(Json::as_str)
-            .unwrap_or("push failed")
-            .to_string();
-        return Some(push_failed("server", reason, message, ids, None));
+        let Some(body) = resp.as_object() else {
+            return Vec::new();
+        };
+        let err = ProtocolError::from_body(ErrorKind::PushFailed, body);
+        return by_client(&named_ids(resp))
+            .into_iter()
+            .map(|(client, _)| (client, err.clone()))
+            .collect();
     }
-    if let Some(err) = resp.get("error") {
-        return Some(push_failed(
-            "server",
-            "internal",
-            format!("push failed: {err}"),
-            ids,
-            None,
-        ));
+    if let Some(kind) = resp.get("error") {
+        return by_client(&named_ids(resp))
+            .into_iter()
+            .map(|(client, own)| (client, legacy_push_failed(resp, kind, &own)))
+            .collect();
     }
-    let results = resp.get("mutations").and_then(Json::as_array)?;
-    let ooo = results
+    let Some(results) = resp.get("mutations").and_then(Json::as_array) else {
+        return Vec::new();
+    };
+    let ids: Vec<(String, u64, &Json)> = results
         .iter()
-        .any(|m| m["result"]["error"] == "oooMutation");
-    ooo.then(|| {
-        push_failed(
-            "server",
-            "oooMutation",
-            "mutation out of order".into(),
-            ids,
-            None,
-        )
-    })
+        .filter_map(|m| {
+            Some((
+                m["id"]["clientID"].as_str()?.to_string(),
+                m["id"]["id"].as_u64()?,
+                &m["result"],
+            ))
+        })
+        .collect();
+    let pairs: Vec<(String, u64)> = ids.iter().map(|(c, id, _)| (c.clone(), *id)).collect();
+    by_client(&pairs)
+        .into_iter()
+        .filter_map(|(client, own)| {
+            let ooo = ids
+                .iter()
+                .find(|(c, _, r)| *c == client && r["error"] == "oooMutation")?;
+            let mut fields = Map::new();
+            fields.insert("origin".into(), "server".into());
+            fields.insert("reason".into(), "oooMutation".into());
+            if let Some(d) = ooo.2.get("details") {
+                fields.insert("details".into(), d.clone());
+            }
+            let err = push_failed("mutation was out of order".into(), fields, &own);
+            Some((client, err))
+        })
+        .collect()
+}
+
+/// zero-cache's mapping of the legacy push error body `{error, details?, status?}`.
+fn legacy_push_failed(resp: &Json, kind: &Json, own: &[(String, u64)]) -> ProtocolError {
+    let mut fields = Map::new();
+    let message = match kind.as_str() {
+        Some("http") => {
+            fields.insert("origin".into(), "zeroCache".into());
+            fields.insert("reason".into(), "http".into());
+            fields.insert(
+                "status".into(),
+                resp.get("status").cloned().unwrap_or(Json::Null),
+            );
+            if let Some(d) = resp.get("details") {
+                fields.insert("bodyPreview".into(), d.clone());
+            }
+            format!(
+                "Fetch from API server returned non-OK status {}",
+                resp.get("status").cloned().unwrap_or(Json::Null)
+            )
+        }
+        Some("unsupportedPushVersion") => {
+            fields.insert("origin".into(), "server".into());
+            fields.insert("reason".into(), "unsupportedPushVersion".into());
+            "Unsupported push version".into()
+        }
+        other => {
+            fields.insert("origin".into(), "server".into());
+            fields.insert("reason".into(), "internal".into());
+            match other {
+                Some("zeroPusher") => resp
+                    .get("details")
+                    .and_then(Json::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                Some("unsupportedSchemaVersion") => "Unsupported schema version".into(),
+                _ => "An unknown error occurred while pushing to the API server".into(),
+            }
+        }
+    };
+    push_failed(message, fields, own)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn frame(e: &ProtocolError) -> Json {
+        serde_json::from_str(&crate::protocol::down::error(e)).expect("json")
+    }
+
     #[test]
     fn classifies_app_server_answers() {
-        let ids = vec![("c1".to_string(), 3)];
         let ok = json!({"kind":"MutateResponse","mutations":[{"id":{"clientID":"c1","id":3},"result":{}}]});
-        assert!(failure_in_response(&ok, &ids).is_none());
+        assert!(failures_in_response(&ok).is_empty());
         let app_err = json!({"kind":"MutateResponse","mutations":[{"id":{"clientID":"c1","id":3},"result":{"error":"app"}}]});
-        assert!(failure_in_response(&app_err, &ids).is_none());
-        let ooo =
-            json!({"mutations":[{"id":{"clientID":"c1","id":3},"result":{"error":"oooMutation"}}]});
-        let e = failure_in_response(&ooo, &ids).expect("ooo fails");
-        assert_eq!(e.kind, ErrorKind::PushFailed);
-        let failed = json!({"kind":"PushFailed","origin":"server","reason":"database","message":"db down","mutationIDs":[]});
-        let e = failure_in_response(&failed, &ids).expect("fails");
-        let frame: Json = serde_json::from_str(&crate::protocol::down::error(&e)).expect("json");
-        assert_eq!(frame[1]["reason"], "database");
-        assert_eq!(frame[1]["mutationIDs"][0]["clientID"], "c1");
+        assert!(failures_in_response(&app_err).is_empty());
+        let ooo = json!({"mutations":[
+            {"id":{"clientID":"c1","id":3},"result":{}},
+            {"id":{"clientID":"c1","id":4},"result":{"error":"oooMutation","details":"expected 3"}},
+            {"id":{"clientID":"c2","id":9},"result":{}}]});
+        let f = failures_in_response(&ooo);
+        assert_eq!(f.len(), 1, "only the client with the out-of-order mutation");
+        assert_eq!(f[0].0, "c1");
+        assert_eq!(
+            frame(&f[0].1)[1],
+            json!({"kind":"PushFailed","message":"mutation was out of order","origin":"server",
+                   "reason":"oooMutation","details":"expected 3",
+                   "mutationIDs":[{"id":3,"clientID":"c1"},{"id":4,"clientID":"c1"}]})
+        );
+    }
+
+    #[test]
+    fn app_push_failed_body_goes_verbatim_to_the_clients_it_names() {
+        let failed = json!({"kind":"PushFailed","origin":"server","reason":"database","message":"db down",
+            "mutationIDs":[{"id":1,"clientID":"c1"},{"id":2,"clientID":"c2"},{"id":3,"clientID":"c1"}]});
+        let f = failures_in_response(&failed);
+        let clients: Vec<&str> = f.iter().map(|(c, _)| c.as_str()).collect();
+        assert_eq!(clients, ["c1", "c2"]);
+        assert_eq!(frame(&f[0].1)[1], failed);
+        let nobody = json!({"kind":"PushFailed","origin":"server","reason":"database","message":"x","mutationIDs":[]});
+        assert!(failures_in_response(&nobody).is_empty());
+    }
+
+    #[test]
+    fn legacy_error_bodies_map_like_zero_cache() {
+        let http = json!({"error":"http","status":502,"details":"bad gateway","mutationIDs":[{"id":1,"clientID":"c1"}]});
+        let f = failures_in_response(&http);
+        assert_eq!(
+            frame(&f[0].1)[1],
+            json!({"kind":"PushFailed","message":"Fetch from API server returned non-OK status 502",
+                   "origin":"zeroCache","reason":"http","status":502,"bodyPreview":"bad gateway",
+                   "mutationIDs":[{"id":1,"clientID":"c1"}]})
+        );
+        let zp =
+            json!({"error":"zeroPusher","details":"boom","mutationIDs":[{"id":1,"clientID":"c1"}]});
+        let f = failures_in_response(&zp);
+        assert_eq!(frame(&f[0].1)[1]["message"], "boom");
+        assert_eq!(frame(&f[0].1)[1]["reason"], "internal");
+    }
+
+    #[test]
+    fn http_failure_matches_zero_cache_field_for_field() {
+        let e = AppServerError::Http {
+            status: 500,
+            body_preview: Some("e2e: injected HTTP 500".into()),
+        };
+        let ids = vec![
+            ("c1".to_string(), 3),
+            ("c2".to_string(), 1),
+            ("c1".to_string(), 4),
+        ];
+        let f = failures_from_error(&e, &ids);
+        assert_eq!(f.len(), 2);
+        assert_eq!(f[0].0, "c1");
+        assert_eq!(
+            frame(&f[0].1),
+            json!(["error", {"kind":"PushFailed","message":"Fetch from API server returned non-OK status 500",
+                   "origin":"zeroCache","reason":"http","status":500,"bodyPreview":"e2e: injected HTTP 500",
+                   "mutationIDs":[{"id":3,"clientID":"c1"},{"id":4,"clientID":"c1"}]}])
+        );
+        assert_eq!(
+            frame(&f[1].1)[1]["mutationIDs"],
+            json!([{"id":1,"clientID":"c2"}])
+        );
+    }
+
+    #[test]
+    fn unreachable_and_unparsable_app_server() {
+        let ids = vec![("c1".to_string(), 3)];
+        let net = AppServerError::Network {
+            url: "http://127.0.0.1:1/mutate".into(),
+            why: "connection refused".into(),
+        };
+        let f = failures_from_error(&net, &ids);
+        assert_eq!(
+            frame(&f[0].1)[1],
+            json!({"kind":"PushFailed","message":"Fetch from API server threw error: fetch failed",
+                   "origin":"zeroCache","reason":"internal","mutationIDs":[{"id":3,"clientID":"c1"}]})
+        );
+        let parse = AppServerError::BadResponse("not JSON".into());
+        let f = failures_from_error(&parse, &ids);
+        assert_eq!(frame(&f[0].1)[1]["reason"], "parse");
+        assert_eq!(
+            frame(&f[0].1)[1]["message"],
+            "Failed to parse response from API server: not JSON"
+        );
     }
 }

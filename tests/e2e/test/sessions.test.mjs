@@ -429,7 +429,10 @@ test('the app server answering /mutate with HTTP 500: PushFailed, then the clien
   assert.equal(err.origin, 'zeroCache', `error origin: ${JSON.stringify(err)}`);
   assert.equal(err.reason, 'http', `error reason: ${JSON.stringify(err)}`);
   assert.equal(err.status, 500, `error status: ${JSON.stringify(err)}`);
-  assert.ok(Array.isArray(err.mutationIDs) && err.mutationIDs.some(m => m.clientID === z.clientID), `error mutationIDs: ${JSON.stringify(err)}`);
+  assert.equal(err.message, 'Fetch from API server returned non-OK status 500', `error message: ${JSON.stringify(err)}`);
+  assert.equal(err.bodyPreview, 'e2e: injected HTTP 500', `error bodyPreview: ${JSON.stringify(err)}`);
+  assert.ok(Array.isArray(err.mutationIDs) && err.mutationIDs.length > 0 && err.mutationIDs.every(m => m.clientID === z.clientID && Number.isInteger(m.id)),
+    `error mutationIDs: ${JSON.stringify(err)}`);
   await waitUntil(() => sock.closed, 'the server closes the socket after the error frame', 5_000);
   assert.ok(app.calls.mutate - calls >= 1, 'the sync server called /mutate');
   assert.equal(await titleInPg(target), before, 'PostgreSQL unchanged');
