@@ -75,6 +75,10 @@ pub struct Config {
     #[arg(long, env = "ZERO_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 
+    /// Log line format: text for people, json (one JSON object per line) for log services.
+    #[arg(long, env = "ZERO_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// Password for the inspector / admin endpoints.
     #[arg(long, env = "ZERO_ADMIN_PASSWORD")]
     pub admin_password: Option<String>,
@@ -111,6 +115,14 @@ pub struct Config {
     /// client returns).
     #[arg(long, env = "ZCACHE_GROUP_IDLE_MS", default_value_t = crate::shards::GROUP_IDLE_EVICT_MS)]
     pub group_idle_ms: u64,
+}
+
+/// `--log-format`, as zero-cache's `ZERO_LOG_FORMAT`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// Why the settings cannot be used. Each message says what to fix.
@@ -176,6 +188,7 @@ mod tests {
         assert_eq!(c.shard_num, 0);
         assert_eq!(c.replica_file, PathBuf::from("zero.db"));
         assert_eq!(c.log_level, "info");
+        assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.shard_schema(), "zero_0");
         c.validate().expect("defaults are valid");
     }
@@ -190,6 +203,13 @@ mod tests {
         ]);
         assert_eq!(c.query_url, vec!["http://a/q", "http://b/q"]);
         c.validate().expect("valid");
+    }
+
+    #[test]
+    fn log_format_takes_text_or_json() {
+        assert_eq!(parse(&["--log-format", "json"]).log_format, LogFormat::Json);
+        let bad = Config::try_parse_from(["zcache", "--log-format", "xml"]);
+        assert!(bad.is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod appserver;
 pub mod config;
 pub mod cvr;
 pub mod embedded;
+pub mod metrics;
 pub mod pgrepl;
 pub mod protocol;
 pub mod reactor;

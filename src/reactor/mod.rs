@@ -172,6 +172,7 @@ pub fn run(cfg: Config, upstream_url: String) -> Result<(), StartError> {
     let index_requests = std::sync::Arc::new(crate::sqlite::IndexRequests::default());
     let repl_index_requests = index_requests.clone();
     let repl = spawn_executor("zcache-repl", &cfg, cfg.repl_core, move || async move {
+        glommio::spawn_local(crate::metrics::publish_forever("repl".into(), || None)).detach();
         match replicator::prepare_at_startup(&repl_cfg, &upstream).await {
             Ok(prepared) => {
                 let _ = ready_tx.send(Ok(()));
@@ -243,7 +244,9 @@ pub fn run(cfg: Config, upstream_url: String) -> Result<(), StartError> {
         }
     }
     tracing::info!(port = cfg.port, sync_shards = n, "zcache ready");
-    eprintln!("zcache ready on port {} ({n} syncer shards)", cfg.port);
+    if cfg.log_format == crate::config::LogFormat::Text {
+        eprintln!("zcache ready on port {} ({n} syncer shards)", cfg.port);
+    }
     for t in threads {
         let _ = t.join();
     }
@@ -272,6 +275,9 @@ async fn run_syncer(
     };
     let shard_schema = cfg.shard_schema();
     let shard = Rc::new(Shard::new(id, n, Rc::new(cfg), reader, index_requests));
+    let weak = Rc::downgrade(&shard);
+    let gauges = move || weak.upgrade().map(|s| crate::metrics::shard_gauges(&s));
+    glommio::spawn_local(crate::metrics::publish_forever(id.to_string(), gauges)).detach();
     match shards::flush::CvrPersistence::start(cvr_db, &shard_schema).await {
         Ok(p) => {
             let _ = shard.cvrs.set(p.clone());

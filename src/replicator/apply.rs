@@ -70,8 +70,13 @@ impl Applier {
                 self.created_in_tx.clear();
                 self.changed = Some(Vec::new());
             }
-            PgOutput::Commit { end_lsn, .. } => {
+            PgOutput::Commit {
+                end_lsn,
+                commit_time_us,
+                ..
+            } => {
                 replica.commit(end_lsn.0)?;
+                crate::metrics::observe_upstream_commit(commit_time_us);
                 self.in_tx = false;
                 return Ok(Some(Committed {
                     watermark: end_lsn.0,

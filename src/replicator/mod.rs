@@ -352,6 +352,7 @@ async fn rebuild(
     tracing::info!(slot = %p.slot, watermark = %Lsn(watermark), "replica rebuilt");
     let v = VersionReady {
         watermark,
+        committed_at: Instant::now(),
         tables,
         rows: None,
     };
@@ -423,6 +424,7 @@ async fn stream(
             ReplEvent::XLogData { data, .. } => {
                 let msg = decode_bytes(&data)?;
                 if let Some(commit) = applier.apply(&mut p.replica, msg)? {
+                    let committed_at = Instant::now();
                     // Durable in SQLite (synchronous=FULL): only now may Postgres forget it.
                     confirmed = Lsn(commit.watermark);
                     stream
@@ -431,6 +433,7 @@ async fn stream(
                     status_due = Instant::now() + status_interval;
                     let v = VersionReady {
                         watermark: commit.watermark,
+                        committed_at,
                         tables: commit.tables,
                         rows: commit.rows.map(std::sync::Arc::new),
                     };
@@ -456,6 +459,7 @@ async fn stream(
                         // see in a snapshot (shards::Shard::last_version).
                         let v = VersionReady {
                             watermark: confirmed.0,
+                            committed_at: Instant::now(),
                             tables: Vec::new(),
                             rows: Some(std::sync::Arc::new(Vec::new())),
                         };

@@ -9,7 +9,7 @@ use crate::protocol::up::{self, Upstream};
 use crate::protocol::{down, ErrorKind, ProtocolError, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use crate::ws::conn::{WsError, WsLimits, WsReader, WsWriter};
 use crate::ws::frame::{close_frame, text_frame};
-use crate::ws::handshake::{response_101, response_http, validate_upgrade, UpgradeRequest};
+use crate::ws::handshake::{response_101, validate_upgrade, UpgradeRequest};
 use crate::ws::message::Message;
 use bytes::{Bytes, BytesMut};
 use futures_lite::io::AsyncWriteExt;
@@ -168,6 +168,11 @@ impl Conn {
         self.closed.set(true);
         self.flow.set_lagging();
         self.out.borrow_mut().take();
+    }
+
+    /// Bytes queued to this socket and not yet written.
+    pub fn queued_bytes(&self) -> usize {
+        self.flow.queued_bytes()
     }
 
     /// Whether this socket was closed for lagging.
@@ -486,13 +491,9 @@ async fn write_frames<W: futures_lite::io::AsyncWrite + Unpin>(
     }
 }
 
-/// Answers a plain HTTP request (health checks: zero-cache answers `GET /` with "OK").
+/// Answers a plain HTTP request: the health checks (`crate::metrics::http`) and `/metrics`.
 pub async fn serve_http(mut stream: TcpStream, req: &UpgradeRequest) {
-    let resp = if req.method == "GET" && (req.path == "/" || req.path.ends_with("/keepalive")) {
-        response_http(200, "OK", "text/plain", b"OK")
-    } else {
-        response_http(404, "Not Found", "text/plain", b"not found")
-    };
+    let resp = crate::metrics::http::answer(req);
     let _ = stream.write_all(&resp).await;
     let _ = stream.close().await;
 }

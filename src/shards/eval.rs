@@ -247,6 +247,7 @@ pub fn evaluate_into(
     let synced = rows.len();
     queries.live.insert(hash.to_string(), live);
     let changed = cvr.set_query_rows(hash, rows, at);
+    crate::metrics::observe_since(crate::metrics::Timing::Hydration, started);
     // The engine's side of a hydration (reads, operators, the CVR's rows), the figure
     // zero-cache logs as "Slow query materialization" under ZERO_LOG_SLOW_HYDRATE_THRESHOLD.
     tracing::debug!(

@@ -183,7 +183,9 @@ impl CvrPersistence {
 
     async fn write(&self, batches: &[FlushBatch]) -> Result<(), StoreError> {
         let (_permit, mut store) = self.take_store().await?;
+        let started = std::time::Instant::now();
         let result = store.flush(batches).await;
+        crate::metrics::observe_since(crate::metrics::Timing::CvrFlush, started);
         self.put_store(store);
         result
     }

@@ -28,6 +28,9 @@ pub struct Group {
     lock: glommio::sync::Semaphore,
     /// What changed upstream since the group last advanced.
     pending: RefCell<Pending>,
+    /// The replica commit of the oldest pending version that came while a socket was open
+    /// (the poke latency metric's start).
+    pending_since: Cell<Option<Instant>>,
     /// Where the CVR is kept (None: in memory only).
     pub persist: RefCell<Option<Rc<super::flush::CvrPersistence>>>,
     /// Whether the stored record was looked up (once per group and process).
@@ -71,6 +74,7 @@ impl Group {
             pusher: RefCell::new(None),
             lock: glommio::sync::Semaphore::new(1),
             pending: RefCell::new(Pending::default()),
+            pending_since: Cell::new(None),
             persist: RefCell::new(None),
             loaded: std::cell::Cell::new(false),
             idle_since: Cell::new(Some(Instant::now())),
@@ -180,7 +184,8 @@ impl Group {
             self.ttl_clock_base.set(None);
             self.stop_eviction();
             self.idle_since.set(Some(Instant::now()));
-            // The TTL clock moved without a new version: write it anyway.
+            self.pending_since.set(None); // no socket waits for those changes now
+                                          // The TTL clock moved without a new version: write it anyway.
             self.cvr.borrow_mut().force_flush();
             if let Some(p) = self.persist.borrow().as_ref() {
                 p.mark_dirty(&self.id);
@@ -560,6 +565,9 @@ impl Group {
 
     pub fn note_version(&self, v: &super::VersionReady) {
         self.pending.borrow_mut().note(v);
+        if !v.tables.is_empty() && self.has_connections() && self.pending_since.get().is_none() {
+            self.pending_since.set(Some(v.committed_at));
+        }
     }
 
     /// Re-evaluates the queries that read a changed table and pokes what changed.
@@ -574,6 +582,7 @@ impl Group {
         if pending.is_empty() {
             return Ok(());
         }
+        let started = Instant::now();
         let mutation_tables = format!("{}.", shard.shard_schema);
         let mut early = false;
         let changed = self.in_snapshot(shard, |reader, cvr, at| {
@@ -634,9 +643,14 @@ impl Group {
             self.pending.borrow_mut().restore(pending);
             return Ok(());
         }
+        let since = self.pending_since.take();
         if changed {
             self.poke_all();
+            if let Some(t) = since {
+                crate::metrics::observe_since(crate::metrics::Timing::PokeLatency, t);
+            }
         }
+        crate::metrics::observe_since(crate::metrics::Timing::Advance, started);
         Ok(())
     }
 

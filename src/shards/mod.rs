@@ -44,6 +44,8 @@ pub const REQUEST_HEAD_TIMEOUT_MS: u64 = 10_000;
 #[derive(Debug, Clone)]
 pub struct VersionReady {
     pub watermark: u64,
+    /// When the replica committed it (the start of the poke latency metric).
+    pub committed_at: std::time::Instant,
     /// Tables that changed in this version (replica names).
     pub tables: Vec<String>,
     /// The rows it changed, with their state before (None: not listed; the queries of the
@@ -115,6 +117,11 @@ impl Shard {
             index_requests,
             cvrs: std::cell::OnceCell::new(),
         }
+    }
+
+    /// Calls `f` with every group this shard holds (for the metrics' gauges).
+    pub fn for_each_group(&self, f: impl FnMut(&Group)) {
+        self.groups.borrow().values().map(|g| &**g).for_each(f);
     }
 
     /// The group, if this shard holds it.
