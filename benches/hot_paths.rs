@@ -18,7 +18,7 @@ use zcache::pgrepl::pgoutput::{decode_bytes, PgOutput};
 use zcache::protocol::down::PokeBuilder;
 use zcache::protocol::up::{parse, Upstream};
 use zcache::sqlite::Replica;
-use zcache::ws::frame::text_frame;
+use zcache::ws::frame::{decode_frame, text_frame};
 use zcache::zql::schema::TableSpec;
 use zcache::zql::value::{Row, Value};
 use zcache::zql::{evaluate, parse_ast, Source, ZqlError};
@@ -126,7 +126,36 @@ fn bench_poke(c: &mut Criterion) {
     g.bench_function(format!("text_frame_{}_bytes", part.len()), |b| {
         b.iter(|| text_frame(black_box(part.as_bytes())))
     });
+    // The other direction: a client's masked frame of the same size, decoded and unmasked.
+    let masked = masked_client_frame(part.as_bytes(), [0x37, 0xfa, 0x21, 0x3d]);
+    g.bench_function(format!("decode_masked_frame_{}_bytes", part.len()), |b| {
+        b.iter(|| {
+            let mut buf = BytesMut::from(&masked[..]);
+            let frame = decode_frame(black_box(&mut buf), 1 << 20).expect("valid frame");
+            black_box(frame)
+        })
+    });
     g.finish();
+}
+
+/// A final masked text frame as a client sends it (RFC 6455 §5.2), built here independently of
+/// zcache's encoder.
+fn masked_client_frame(payload: &[u8], key: [u8; 4]) -> Vec<u8> {
+    let mut out = vec![0x81];
+    match payload.len() {
+        n @ 0..=125 => out.push(0x80 | n as u8),
+        n @ 126..=0xFFFF => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&key);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    out
 }
 
 // ---------------------------------------------------------------------------------------------
