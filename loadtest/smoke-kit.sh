@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Smoke run of the load harness (target/release/loadtest) against zcache and against the real
+# zero-cache 1.9.0 of the reference kit, one after the other on freshly seeded data, with the
+# same workload. Prints each run's table (or JSON with JSON=1) and exits non-zero if a run
+# hydrated no client or matched no commit -> poke sample while writing.
+#   loadtest/smoke-kit.sh [extra loadtest flags...]
+# Env: KIT (kit source, default ../shared/reference/zero-cache-kit), KIT_WORK (copy of the kit,
+#      default /tmp/lt-kit), ZCACHE_BIN (default target/release/zcache), ZCACHE_PORT (4872),
+#      LOADTEST_BIN (default target/release/loadtest), SERVERS ("zcache zero-cache"),
+#      CLIENTS (50), GROUPS_N (50), WRITE_RATE (50), WARMUP (5s), DURATION (10s),
+#      and the kit's PGPORT / ZERO_PORT / APP_PORT to move it off ports in use.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+KIT="${KIT:-$ROOT/../shared/reference/zero-cache-kit}"
+KIT_WORK="${KIT_WORK:-/tmp/lt-kit}"
+ZCACHE_BIN="${ZCACHE_BIN:-$ROOT/target/release/zcache}"
+ZCACHE_PORT="${ZCACHE_PORT:-4872}"
+LOADTEST_BIN="${LOADTEST_BIN:-$ROOT/target/release/loadtest}"
+CLIENTS="${CLIENTS:-50}"; GROUPS_N="${GROUPS_N:-50}"; WRITE_RATE="${WRITE_RATE:-50}"
+WARMUP="${WARMUP:-5s}"; DURATION="${DURATION:-10s}"
+[ -x "$LOADTEST_BIN" ] || { echo "build the harness first: cargo build --release -p zcache-loadtest" >&2; exit 1; }
+[ -d "$KIT" ] || { echo "reference kit not found at $KIT (set KIT)" >&2; exit 1; }
+
+mkdir -p "$KIT_WORK"
+cp -r "$KIT"/. "$KIT_WORK"/ && chmod -R u+w "$KIT_WORK"
+cd "$KIT_WORK"
+. ./env.sh
+
+harness() { # SERVER_URL PID
+  local out status=0
+  out="$("$LOADTEST_BIN" --server "$1" --server-pid "$2" --upstream-db "$PG_URL" \
+    --clients "$CLIENTS" --groups "$GROUPS_N" --query 'issuesByStatus={"status":"open","limit":100}' \
+    --write-rate "$WRITE_RATE" --warmup "$WARMUP" --duration "$DURATION" --auth u1 --user-id u1 \
+    --json "${@:3}")" || status=$?
+  [ "$status" = 0 ] || { echo "loadtest failed ($status)" >&2; return 1; }
+  if [ "${JSON:-0}" = 1 ]; then echo "$out"; else
+    node -e '
+      const r = JSON.parse(process.argv[1]);
+      const row = (n, l) => console.log(n.padEnd(14), String(l.count).padStart(7),
+        ...[l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms].map(v => v.toFixed(2).padStart(9)));
+      console.log("latency (ms)  ".padEnd(14), "count".padStart(7), ..."p50 p90 p99 max".split(" ").map(s => s.padStart(9)));
+      for (const [k, v] of Object.entries(r.latency)) row(k, v);
+      console.log(`hydrated ${r.clients_hydrated}/${r.config.clients}, ${r.pokes_per_s.toFixed(1)} pokes/s, ${(r.bytes_per_s/1024).toFixed(1)} KiB/s, rows written ${r.rows_written_per_s.toFixed(1)}/s, unseen ${r.rows_unseen}/${r.rows_committed_measured}`);
+      console.log(`server RSS MiB start ${r.server_rss_mib.start} peak ${r.server_rss_mib.peak} end ${r.server_rss_mib.end}; errors ${JSON.stringify(r.errors)}`);' "$out"
+  fi
+  node -e '
+    const r = JSON.parse(process.argv[1]);
+    const ok = r.clients_hydrated > 0 && (r.config.write_rate === 0 || r.latency["commit->poke"].count > 0);
+    process.exit(ok ? 0 : 1);' "$out" || { echo "smoke check failed: nothing hydrated or no commit->poke sample" >&2; return 1; }
+}
+
+run_zcache() {
+  [ -x "$ZCACHE_BIN" ] || { echo "no zcache binary at $ZCACHE_BIN (cargo build --release)" >&2; return 1; }
+  ./setup.sh >/dev/null
+  ./start-zero.sh app-only >/dev/null
+  rm -f "$WORK_DIR"/zcache-replica.db*
+  "$ZCACHE_BIN" --upstream-db "$PG_URL" --replica-file "$WORK_DIR/zcache-replica.db" --port "$ZCACHE_PORT" \
+    --app-id "$ZERO_APP_ID" --query-url "$APP_URL/query" --mutate-url "$APP_URL/mutate" >"$WORK_DIR/zcache.log" 2>&1 &
+  local pid=$!
+  until grep -q "zcache ready" "$WORK_DIR/zcache.log" 2>/dev/null; do
+    kill -0 $pid 2>/dev/null || { cat "$WORK_DIR/zcache.log" >&2; return 1; }
+    sleep 0.05
+  done
+  local rc=0
+  harness "http://127.0.0.1:$ZCACHE_PORT" "$pid" "$@" || rc=$?
+  kill $pid; wait $pid 2>/dev/null || true
+  ./stop.sh keep-pg >/dev/null
+  return $rc
+}
+
+run_zero_cache() {
+  ./setup.sh >/dev/null
+  ./start-zero.sh fresh | grep -E "answering|process tree"
+  local rc=0
+  harness "http://127.0.0.1:$ZERO_PORT" "$(cat "$WORK_DIR/zero-cache.pid")" "$@" || rc=$?
+  ./stop.sh keep-pg >/dev/null
+  return $rc
+}
+
+SERVERS="${SERVERS:-zcache zero-cache}"
+rc=0
+case " $SERVERS " in *" zcache "*) echo "=== zcache ($ZCACHE_BIN)"; run_zcache "$@" || rc=1;; esac
+case " $SERVERS " in *" zero-cache "*) echo; echo "=== zero-cache 1.9.0"; run_zero_cache "$@" || rc=1;; esac
+./stop.sh >/dev/null
+exit $rc
