@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Smoke run of the load harness (target/release/loadtest) against zcache and against the real
 # zero-cache 1.9.0 of the reference kit, one after the other on freshly seeded data, with the
-# same workload. Prints each run's table (or JSON with JSON=1) and exits non-zero if a run
-# hydrated no client or matched no commit -> poke sample while writing.
+# same workload. Prints each run's table (JSON in $KIT_WORK/results/<server>.json) and exits
+# non-zero if a run hydrated no client or matched no commit -> poke sample while writing.
 #   loadtest/smoke-kit.sh [extra loadtest flags...]
 # Env: KIT (kit source, default ../shared/reference/zero-cache-kit), KIT_WORK (copy of the kit,
 #      default /tmp/lt-kit), ZCACHE_BIN (default target/release/zcache), ZCACHE_PORT (4872),
@@ -25,28 +25,18 @@ mkdir -p "$KIT_WORK"
 cp -r "$KIT"/. "$KIT_WORK"/ && chmod -R u+w "$KIT_WORK"
 cd "$KIT_WORK"
 . ./env.sh
+RESULTS="$KIT_WORK/results"; mkdir -p "$RESULTS"
 
-harness() { # SERVER_URL PID
-  local out status=0
-  out="$("$LOADTEST_BIN" --server "$1" --server-pid "$2" --upstream-db "$PG_URL" \
+harness() { # NAME SERVER_URL PID [extra flags]
+  local json="$RESULTS/$1.json"
+  "$LOADTEST_BIN" --server "$2" --server-pid "$3" --upstream-db "$PG_URL" \
     --clients "$CLIENTS" --groups "$GROUPS_N" --query 'issuesByStatus={"status":"open","limit":100}' \
     --write-rate "$WRITE_RATE" --warmup "$WARMUP" --duration "$DURATION" --auth u1 --user-id u1 \
-    --json "${@:3}")" || status=$?
-  [ "$status" = 0 ] || { echo "loadtest failed ($status)" >&2; return 1; }
-  if [ "${JSON:-0}" = 1 ]; then echo "$out"; else
-    node -e '
-      const r = JSON.parse(process.argv[1]);
-      const row = (n, l) => console.log(n.padEnd(14), String(l.count).padStart(7),
-        ...[l.p50_ms, l.p90_ms, l.p99_ms, l.max_ms].map(v => v.toFixed(2).padStart(9)));
-      console.log("latency (ms)  ".padEnd(14), "count".padStart(7), ..."p50 p90 p99 max".split(" ").map(s => s.padStart(9)));
-      for (const [k, v] of Object.entries(r.latency)) row(k, v);
-      console.log(`hydrated ${r.clients_hydrated}/${r.config.clients}, ${r.pokes_per_s.toFixed(1)} pokes/s, ${(r.bytes_per_s/1024).toFixed(1)} KiB/s, rows written ${r.rows_written_per_s.toFixed(1)}/s, unseen ${r.rows_unseen}/${r.rows_committed_measured}`);
-      console.log(`server RSS MiB start ${r.server_rss_mib.start} peak ${r.server_rss_mib.peak} end ${r.server_rss_mib.end}; errors ${JSON.stringify(r.errors)}`);' "$out"
-  fi
+    --json-out "$json" "${@:4}" || { echo "loadtest failed" >&2; return 1; }
   node -e '
-    const r = JSON.parse(process.argv[1]);
+    const r = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
     const ok = r.clients_hydrated > 0 && (r.config.write_rate === 0 || r.latency["commit->poke"].count > 0);
-    process.exit(ok ? 0 : 1);' "$out" || { echo "smoke check failed: nothing hydrated or no commit->poke sample" >&2; return 1; }
+    process.exit(ok ? 0 : 1);' "$json" || { echo "smoke check failed: nothing hydrated or no commit->poke sample" >&2; return 1; }
 }
 
 run_zcache() {
@@ -62,7 +52,7 @@ run_zcache() {
     sleep 0.05
   done
   local rc=0
-  harness "http://127.0.0.1:$ZCACHE_PORT" "$pid" "$@" || rc=$?
+  harness zcache "http://127.0.0.1:$ZCACHE_PORT" "$pid" "$@" || rc=$?
   kill $pid; wait $pid 2>/dev/null || true
   ./stop.sh keep-pg >/dev/null
   return $rc
@@ -72,7 +62,7 @@ run_zero_cache() {
   ./setup.sh >/dev/null
   ./start-zero.sh fresh | grep -E "answering|process tree"
   local rc=0
-  harness "http://127.0.0.1:$ZERO_PORT" "$(cat "$WORK_DIR/zero-cache.pid")" "$@" || rc=$?
+  harness zero-cache "http://127.0.0.1:$ZERO_PORT" "$(cat "$WORK_DIR/zero-cache.pid")" "$@" || rc=$?
   ./stop.sh keep-pg >/dev/null
   return $rc
 }
@@ -82,4 +72,5 @@ rc=0
 case " $SERVERS " in *" zcache "*) echo "=== zcache ($ZCACHE_BIN)"; run_zcache "$@" || rc=1;; esac
 case " $SERVERS " in *" zero-cache "*) echo; echo "=== zero-cache 1.9.0"; run_zero_cache "$@" || rc=1;; esac
 ./stop.sh >/dev/null
+echo "results as JSON in $RESULTS"
 exit $rc

@@ -108,6 +108,10 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
 
+    /// Also write the JSON object to this file (the table still goes to stdout unless --json).
+    #[arg(long, value_name = "FILE")]
+    pub json_out: Option<std::path::PathBuf>,
+
     /// Auth token sent in the Sec-WebSocket-Protocol payload (zero-cache forwards it to the app
     /// server as a bearer token).
     #[arg(long, value_name = "TOKEN")]

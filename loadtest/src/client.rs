@@ -137,21 +137,38 @@ async fn open(
     ctx: &ClientCtx,
     state: &ClientState,
     stop: &mut watch::Receiver<bool>,
-) -> Result<(Ws, Option<String>), Option<&'static str>> {
-    let (req, pending) =
-        build_request(spec, ctx, state, ctx.stats.started).map_err(|_| Some("bad_request"))?;
+) -> Result<(Ws, Option<String>), Option<String>> {
+    let (req, pending) = build_request(spec, ctx, state, ctx.stats.started)
+        .map_err(|_| Some("bad_request".to_string()))?;
     let mut config = WebSocketConfig::default();
     config.max_message_size = Some(FRAME_BYTES_MAX);
     config.max_frame_size = Some(FRAME_BYTES_MAX);
     let connect = tokio_tungstenite::connect_async_with_config(req, Some(config), true);
     tokio::select! {
         r = tokio::time::timeout(CONNECT_TIMEOUT, connect) => match r {
-            Err(_) => Err(Some("connect_timeout")),
-            Ok(Err(tokio_tungstenite::tungstenite::Error::Http(_))) => Err(Some("connect_http_refused")),
-            Ok(Err(_)) => Err(Some("connect_failed")),
+            Err(_) => Err(Some("connect_timeout".to_string())),
+            Ok(Err(e)) => Err(Some(connect_error_kind(&e))),
             Ok(Ok((ws, _response))) => Ok((ws, pending)),
         },
         _ = stop.changed() => Err(None),
+    }
+}
+
+/// Error kinds for a failed upgrade: refused or reset sockets, HTTP statuses, protocol faults
+/// (for example a Sec-WebSocket-Protocol the server did not echo).
+fn connect_error_kind(e: &tokio_tungstenite::tungstenite::Error) -> String {
+    use std::io::ErrorKind;
+    use tokio_tungstenite::tungstenite::Error;
+    match e {
+        Error::Io(io) => match io.kind() {
+            ErrorKind::ConnectionRefused => "connect_refused".into(),
+            ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => "connect_reset".into(),
+            ErrorKind::UnexpectedEof => "connect_eof".into(),
+            _ => "connect_io".into(),
+        },
+        Error::Http(resp) => format!("connect_http_{}", resp.status().as_u16()),
+        Error::Protocol(_) => "connect_protocol".into(),
+        _ => "connect_failed".into(),
     }
 }
 
@@ -167,7 +184,7 @@ async fn session(
         Ok(x) => x,
         Err(None) => return SessionEnd::Stopped,
         Err(Some(kind)) => {
-            ctx.stats.error(kind);
+            ctx.stats.error(&kind);
             return SessionEnd::Lost;
         }
     };
@@ -361,5 +378,137 @@ impl Connection {
                 .hydration
                 .record(now.saturating_duration_since(self.t0));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::decode_sec_websocket_protocol;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    fn ctx(port: u16) -> ClientCtx {
+        ClientCtx {
+            ws_base: format!("ws://127.0.0.1:{port}/sync/v51/connect"),
+            auth: Some("tok".into()),
+            user_id: None,
+            ttl_ms: 1000,
+            client_schema: Some(serde_json::json!({"tables": {}})),
+            filter: RowFilter {
+                table: "issue".into(),
+                key: "id".into(),
+                column: "title".into(),
+            },
+            collect_keys: false,
+            reconnect: false,
+            stats: Arc::new(Stats::new()),
+            keys: Arc::new(KeyPool::new(1)),
+            book: Arc::new(TokenBook::new(1)),
+        }
+    }
+
+    fn spec() -> ClientSpec {
+        ClientSpec {
+            client_id: "c1".into(),
+            group_id: "g1".into(),
+            queries: vec![NamedQuery::default_query()],
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_connection_is_classified() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        let (_tx, mut rx) = watch::channel(false);
+        let c = ctx(port);
+        let r = open(&spec(), &c, &ClientState::default(), &mut rx).await;
+        assert_eq!(r.err(), Some(Some("connect_refused".to_string())));
+    }
+
+    /// A real socket that records the upgrade request and answers 404: the request carries the
+    /// connect URL and the Sec-WebSocket-Protocol payload with the initConnection.
+    #[tokio::test]
+    async fn upgrade_request_carries_url_and_protocol_header() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = l.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = sock.read(&mut chunk).await.unwrap();
+                assert!(n > 0);
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            sock.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8(buf).unwrap()
+        });
+        let (_tx, mut rx) = watch::channel(false);
+        let c = ctx(port);
+        let r = open(&spec(), &c, &ClientState::default(), &mut rx).await;
+        assert_eq!(r.err(), Some(Some("connect_http_404".to_string())));
+        let request = server.await.unwrap();
+        let first = request.lines().next().unwrap();
+        assert!(
+            first.starts_with("GET /sync/v51/connect?clientID=c1&clientGroupID=g1&baseCookie=&ts="),
+            "{first}"
+        );
+        let header = request
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("sec-websocket-protocol")
+                    .then(|| v.trim().to_string())
+            })
+            .unwrap();
+        let payload = decode_sec_websocket_protocol(&header).unwrap();
+        assert_eq!(payload["authToken"], "tok");
+        let init = &payload["initConnectionMessage"][1];
+        assert_eq!(init["clientSchema"], serde_json::json!({"tables": {}}));
+        assert_eq!(init["desiredQueriesPatch"][0]["name"], "issuesByStatus");
+    }
+
+    #[test]
+    fn schema_only_without_cookie() {
+        let c = ctx(1);
+        let with_cookie = ClientState {
+            cookie: Some("00:01".into()),
+            ..ClientState::default()
+        };
+        let (req, pending) = build_request(&spec(), &c, &with_cookie, Instant::now()).unwrap();
+        assert!(pending.is_none());
+        assert!(req.uri().to_string().contains("baseCookie=00%3A01"));
+        let header = req.headers()["Sec-WebSocket-Protocol"].to_str().unwrap();
+        let payload = decode_sec_websocket_protocol(header).unwrap();
+        assert!(payload["initConnectionMessage"][1]
+            .get("clientSchema")
+            .is_none());
+    }
+
+    #[test]
+    fn oversized_init_moves_to_first_message() {
+        let mut c = ctx(1);
+        let big: serde_json::Map<String, Value> = (0..400)
+            .map(|i| {
+                (
+                    format!("table_{i}"),
+                    serde_json::json!({"columns": {}, "primaryKey": ["id"]}),
+                )
+            })
+            .collect();
+        c.client_schema = Some(serde_json::json!({"tables": big}));
+        let (req, pending) =
+            build_request(&spec(), &c, &ClientState::default(), Instant::now()).unwrap();
+        let header = req.headers()["Sec-WebSocket-Protocol"].to_str().unwrap();
+        assert!(header.len() <= SEC_PROTOCOL_BYTES_MAX);
+        let payload = decode_sec_websocket_protocol(header).unwrap();
+        assert!(payload.get("initConnectionMessage").is_none());
+        assert_eq!(payload["authToken"], "tok");
+        let first: Value = serde_json::from_str(&pending.unwrap()).unwrap();
+        assert_eq!(first[0], "initConnection");
     }
 }

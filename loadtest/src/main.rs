@@ -88,6 +88,7 @@ struct Snap {
     rows_put: u64,
     rows_written: u64,
     txs: u64,
+    cpu_ns: u64,
 }
 
 impl Snap {
@@ -100,6 +101,7 @@ impl Snap {
             rows_put: s.rows_put.get(),
             rows_written: s.rows_written.get(),
             txs: s.txs_written.get(),
+            cpu_ns: rss::own_cpu_ns().unwrap_or(0),
         }
     }
 }
@@ -369,6 +371,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         txs_written: end_snap.txs.saturating_sub(start_snap.txs),
         rows_committed_measured: committed,
         rows_unseen: unseen,
+        harness_cpu_percent: (end_snap.cpu_ns.saturating_sub(start_snap.cpu_ns) as f64
+            / 1e7
+            / measured_s)
+            .round(),
         server_rss_mib: RssMib {
             start: mib(rss.start_kib),
             peak: mib(rss.peak_kib),
@@ -376,8 +382,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
         errors: stats.errors(),
     };
+    let json = serde_json::to_string(&report)?;
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, format!("{json}\n"))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        println!("{json}");
     } else {
         print!("{}", report.table());
     }

@@ -85,6 +85,8 @@ pub struct Report {
     /// Rows committed in the measured period, and how many of them no client received.
     pub rows_committed_measured: u64,
     pub rows_unseen: u64,
+    /// CPU the harness itself used over the measured period (100 = one core).
+    pub harness_cpu_percent: f64,
     pub server_rss_mib: RssMib,
     pub errors: BTreeMap<String, u64>,
 }
@@ -144,6 +146,11 @@ impl Report {
             out,
             "rows committed in the measured period: {}, received by no client: {}",
             self.rows_committed_measured, self.rows_unseen
+        );
+        let _ = writeln!(
+            out,
+            "harness CPU: {:.0}% of one core",
+            self.harness_cpu_percent
         );
         let r = &self.server_rss_mib;
         let _ = writeln!(

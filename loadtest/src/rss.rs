@@ -74,6 +74,23 @@ pub fn tree_rss_kib(pid: u32) -> Option<u64> {
     Some(total)
 }
 
+/// CPU time this process has used so far (all threads), from /proc/self/task/*/schedstat,
+/// whose first field is nanoseconds on a CPU. Lets a run tell whether the harness itself was
+/// the bottleneck.
+pub fn own_cpu_ns() -> Option<u64> {
+    let mut total = 0u64;
+    for entry in fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let path = entry.path().join("schedstat");
+        if let Some(ns) = fs::read_to_string(path)
+            .ok()
+            .and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok())
+        {
+            total += ns;
+        }
+    }
+    Some(total)
+}
+
 /// Start, peak and end of the sampled RSS.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct RssTrack {
@@ -127,6 +144,18 @@ mod tests {
         let _ = sh.wait();
         assert_eq!(tree, own + kid);
         assert!(tree_rss_kib(u32::MAX - 1).is_none());
+    }
+
+    #[test]
+    fn own_cpu_time_grows_with_work() {
+        let before = own_cpu_ns().unwrap();
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < std::time::Duration::from_millis(50) {
+            x = x.wrapping_add(std::hint::black_box(1));
+        }
+        assert!(x > 0);
+        assert!(own_cpu_ns().unwrap() >= before + 10_000_000);
     }
 
     #[test]

@@ -199,4 +199,28 @@ mod tests {
         );
         assert_eq!(s.tables["issue"].pg_types["priority"], "integer");
     }
+
+    /// Against a real PostgreSQL seeded by the reference kit's setup.sh:
+    /// `LOADTEST_PG_URL=postgres://postgres@127.0.0.1:55440/zbench cargo test -p zcache-loadtest -- --ignored`
+    #[tokio::test]
+    #[ignore = "needs LOADTEST_PG_URL pointing at the reference kit's database"]
+    async fn derives_the_kit_schema_from_postgres() {
+        let url = std::env::var("LOADTEST_PG_URL").expect("set LOADTEST_PG_URL");
+        let pg = crate::writer::connect(&url).await.unwrap();
+        let schema = load_client_schema(&pg).await.unwrap().to_json();
+        assert_eq!(
+            schema["tables"]["issue"],
+            json!({"columns": {
+                "created": {"type": "number"}, "id": {"type": "string"},
+                "owner_id": {"type": "string"}, "priority": {"type": "number"},
+                "status": {"type": "string"}, "title": {"type": "string"}},
+              "primaryKey": ["id"]})
+        );
+        assert_eq!(
+            schema["tables"]["user"],
+            json!({"columns": {"id": {"type": "string"}, "name": {"type": "string"}},
+              "primaryKey": ["id"]})
+        );
+        assert_eq!(schema["tables"]["comment"]["primaryKey"], json!(["id"]));
+    }
 }

@@ -245,8 +245,20 @@ pub async fn run_writer(
                 continue;
             }
         };
+        let stmt = match client.prepare(&sql).await {
+            Ok(s) => s,
+            Err(e) => {
+                shared.stats.error("writer_prepare");
+                eprintln!("writer: {e:#}");
+                if sleep_or_stop(&mut stop, Duration::from_secs(1)).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        // Burst: a late transaction is followed by the missed ones, so the rate holds on average.
         let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -259,7 +271,7 @@ pub async fn run_writer(
             if keys.is_empty() {
                 continue; // no client has hydrated yet
             }
-            match write_tx(&mut client, &sql, &keys, &mut seq, &shared).await {
+            match write_tx(&mut client, &stmt, &keys, &mut seq, &shared).await {
                 Ok(()) => {}
                 Err(e) => {
                     shared.stats.error("writer_tx");
@@ -292,22 +304,30 @@ pub async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
 
 async fn write_tx(
     client: &mut tokio_postgres::Client,
-    sql: &str,
+    stmt: &tokio_postgres::Statement,
     keys: &[String],
     seq: &mut u64,
     shared: &WriterShared,
 ) -> anyhow::Result<()> {
     let tx = client.transaction().await?;
-    let stmt = tx.prepare(sql).await?;
-    let mut written = Vec::with_capacity(keys.len());
-    for k in keys {
-        let s = *seq;
-        *seq += 1;
-        let n = tx.execute(&stmt, &[&token(s), k]).await?;
-        if n > 0 {
-            written.push(s);
-        }
-    }
+    let seqs: Vec<u64> = (0..keys.len() as u64).map(|i| *seq + i).collect();
+    *seq += keys.len() as u64;
+    let tokens: Vec<String> = seqs.iter().map(|&s| token(s)).collect();
+    // The updates are pipelined on the connection: one round trip for the whole batch.
+    type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+    let params: Vec<[Param<'_>; 2]> = keys
+        .iter()
+        .zip(&tokens)
+        .map(|(k, t)| [t as Param<'_>, k])
+        .collect();
+    let updates = params.iter().map(|p| tx.execute(stmt, p));
+    let counts = futures_util::future::try_join_all(updates).await?;
+    let written: Vec<u64> = seqs
+        .iter()
+        .zip(counts)
+        .filter(|(_, n)| *n > 0)
+        .map(|(&s, _)| s)
+        .collect();
     // Registered before COMMIT is sent: no client can see the row earlier, and the entry must
     // exist before a poke could carry it.
     let commit_sent = Instant::now();
