@@ -43,7 +43,9 @@ run_zcache() {
   [ -x "$ZCACHE_BIN" ] || { echo "no zcache binary at $ZCACHE_BIN (cargo build --release)" >&2; return 1; }
   ./setup.sh >/dev/null
   ./start-zero.sh app-only >/dev/null
-  rm -f "$WORK_DIR"/zcache-replica.db*
+  # The old log must go before the start: the redirect truncates it only once the child runs,
+  # and the wait below would otherwise see the previous run's "zcache ready".
+  rm -f "$WORK_DIR"/zcache-replica.db* "$WORK_DIR/zcache.log"
   "$ZCACHE_BIN" --upstream-db "$PG_URL" --replica-file "$WORK_DIR/zcache-replica.db" --port "$ZCACHE_PORT" \
     --app-id "$ZERO_APP_ID" --query-url "$APP_URL/query" --mutate-url "$APP_URL/mutate" >"$WORK_DIR/zcache.log" 2>&1 &
   local pid=$!
