@@ -16,13 +16,13 @@ if [ ! -f tests/e2e/node_modules/@rocicorp/zero/package.json ] ||
 fi
 
 step "cargo fmt --check"
-cargo fmt --check
+cargo fmt --all --check
 
 step "cargo clippy"
-cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 step "cargo test"
-cargo test --quiet 2>&1
+cargo test --workspace --quiet 2>&1
 
 step "end-to-end: the real Zero client against zcache"
 cargo build --quiet --bin zcache

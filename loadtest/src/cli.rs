@@ -1,0 +1,335 @@
+//! Command line: every flag of the harness, with its parsing helpers.
+
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use clap::{Parser, ValueEnum};
+use serde_json::Value;
+
+const ABOUT: &str = "Load harness for Zero sync servers (zcache, zero-cache 1.9): N simulated \
+clients speaking sync protocol v51 over WebSockets, an upstream write generator, hdrhistogram \
+latencies for connect, hydration and commit-to-poke.";
+
+const LONG_ABOUT: &str = "Load harness for Zero sync servers (zcache, zero-cache 1.9).
+
+N simulated clients in M client groups connect at --connect-rate, each desiring its named \
+queries; a writer updates rows the clients have in their views (keys taken from the pokes they \
+receive) at --write-rate rows/s, setting --write-column to a unique token lt-<seq>; clients find \
+the token in the rowsPatch of the poke that carries it.
+
+Timeline: clients start connecting at t=0 and the writer starts as soon as keys are known; \
+--warmup later the measured period of --duration starts; then the writer stops, clients get one \
+more second to receive the last pokes, and everything closes.
+
+Which samples count: connect and hydration are recorded for every client whenever it connects \
+(they are one-off per client, so the whole run counts); commit->poke counts only rows committed \
+inside the measured period; pokes/s, bytes/s and rows/s are over the measured period.
+
+Commit->poke is measured from the moment the writer sends COMMIT (the client cannot see the row \
+earlier) to the pokeEnd of the poke whose rowsPatch carries the token, once per receiving client. \
+'commit' is the writer's own COMMIT round trip, to be subtracted if the acknowledgement is the \
+reference wanted.";
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "loadtest", version, about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Args {
+    /// Sync server base URL (http, https, ws or wss); clients connect to <server>/sync/v51/connect.
+    #[arg(long, default_value = "http://127.0.0.1:4848")]
+    pub server: String,
+
+    /// Number of simulated clients (one WebSocket each).
+    #[arg(long, default_value_t = 50)]
+    pub clients: usize,
+
+    /// Number of client groups; client i belongs to group i mod M, so several clients of one
+    /// group share its queries (and its CVR on the server). 0 means one group per client.
+    #[arg(long, default_value_t = 0)]
+    pub groups: usize,
+
+    /// A named query as NAME=ARGS_JSON (ARGS_JSON is the single argument object, sent as
+    /// args:[ARGS_JSON]; NAME alone sends args:[]). Repeatable. Default:
+    /// issuesByStatus={"status":"open","limit":100}.
+    #[arg(long = "query", value_name = "NAME=JSON", value_parser = parse_query)]
+    pub queries: Vec<NamedQuery>,
+
+    /// How a group's queries are chosen from the --query list: 'all' = every group desires every
+    /// query; 'round-robin' = group g desires only query g mod (number of queries).
+    #[arg(long, value_enum, default_value_t = QueryMix::All)]
+    pub query_mix: QueryMix,
+
+    /// TTL (ms) sent with each desired query.
+    #[arg(long, default_value_t = 300_000)]
+    pub ttl_ms: u64,
+
+    /// Clients started per second (0 = all at once).
+    #[arg(long, default_value_t = 100.0)]
+    pub connect_rate: f64,
+
+    /// Upstream PostgreSQL URL: the client schema is derived from its tables in `public`
+    /// (zero-cache requires one), and the write generator writes there. Without it no client
+    /// schema is sent and no writes happen.
+    #[arg(long, value_name = "URL")]
+    pub upstream_db: Option<String>,
+
+    /// Rows updated per second by the write generator (0 = no writes).
+    #[arg(long, default_value_t = 0.0)]
+    pub write_rate: f64,
+
+    /// Rows per upstream transaction (the writer commits write-rate/tx-size transactions per second).
+    #[arg(long, default_value_t = 1)]
+    pub tx_size: usize,
+
+    /// Table the writer updates (in `public`); its rows must appear in the clients' pokes.
+    #[arg(long, default_value = "issue")]
+    pub write_table: String,
+
+    /// Primary-key column of --write-table used to pick rows (a single-column key).
+    #[arg(long, default_value = "id")]
+    pub write_key: String,
+
+    /// Text column the writer sets to a unique token lt-<seq>.
+    #[arg(long, default_value = "title")]
+    pub write_column: String,
+
+    /// Warm-up before the measured period (e.g. 5s, 500ms, 1m; a bare number is seconds).
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub warmup: Duration,
+
+    /// Length of the measured period.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub duration: Duration,
+
+    /// Server process whose RSS is sampled every second from /proc (the process and all its
+    /// descendants are summed, which covers zero-cache's worker processes).
+    #[arg(long, value_name = "PID")]
+    pub server_pid: Option<u32>,
+
+    /// Print one JSON object with every figure on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Also write the JSON object to this file (the table still goes to stdout unless --json).
+    #[arg(long, value_name = "FILE")]
+    pub json_out: Option<std::path::PathBuf>,
+
+    /// Auth token sent in the Sec-WebSocket-Protocol payload (zero-cache forwards it to the app
+    /// server as a bearer token).
+    #[arg(long, value_name = "TOKEN")]
+    pub auth: Option<String>,
+
+    /// userID connect parameter (omitted when not given, like a logged-out client).
+    #[arg(long)]
+    pub user_id: Option<String>,
+
+    /// Do not reconnect after a close or error frame (by default a client reconnects after 1 s
+    /// with the last cookie it received).
+    #[arg(long)]
+    pub no_reconnect: bool,
+
+    /// Runtime threads of the harness (1 = a current-thread runtime).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+
+    /// No progress line on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueryMix {
+    All,
+    RoundRobin,
+}
+
+/// A named query as sent in desiredQueriesPatch, with the opaque hash this harness assigns it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedQuery {
+    pub name: String,
+    pub args: Vec<Value>,
+    pub hash: String,
+}
+
+impl NamedQuery {
+    pub fn new(name: &str, args: Vec<Value>) -> NamedQuery {
+        let hash = query_hash(name, &args);
+        NamedQuery {
+            name: name.to_string(),
+            args,
+            hash,
+        }
+    }
+
+    pub fn default_query() -> NamedQuery {
+        NamedQuery::new(
+            "issuesByStatus",
+            vec![serde_json::json!({"status": "open", "limit": 100})],
+        )
+    }
+
+    /// `NAME(ARGS)` for display.
+    pub fn label(&self) -> String {
+        let args: Vec<String> = self.args.iter().map(Value::to_string).collect();
+        format!("{}({})", self.name, args.join(","))
+    }
+}
+
+/// The server treats the hash as an opaque query ID; it only has to be the same for the same
+/// (name, args) and differ otherwise. FNV-1a over the name and the serialized args.
+fn query_hash(name: &str, args: &[Value]) -> String {
+    let text = format!("{name}\u{0}{}", Value::Array(args.to_vec()));
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in text.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("lt{h:016x}")
+}
+
+pub fn parse_query(s: &str) -> anyhow::Result<NamedQuery> {
+    let (name, args) = match s.split_once('=') {
+        Some((name, json)) => {
+            let v: Value = serde_json::from_str(json)
+                .with_context(|| format!("query args of '{name}' are not JSON: {json}"))?;
+            (name.trim(), vec![v])
+        }
+        None => (s.trim(), Vec::new()),
+    };
+    if name.is_empty() {
+        bail!("query needs a name: NAME=ARGS_JSON");
+    }
+    Ok(NamedQuery::new(name, args))
+}
+
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let s = s.trim();
+    let (num, unit_ms) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000.0)
+    } else {
+        (s, 1000.0)
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("bad duration '{s}' (e.g. 5s, 500ms, 1m)"))?;
+    if !v.is_finite() || v < 0.0 {
+        bail!("bad duration '{s}'");
+    }
+    Ok(Duration::from_secs_f64(v * unit_ms / 1000.0))
+}
+
+impl Args {
+    pub fn effective_groups(&self) -> usize {
+        if self.groups == 0 {
+            self.clients
+        } else {
+            self.groups.min(self.clients)
+        }
+    }
+
+    pub fn effective_queries(&self) -> Vec<NamedQuery> {
+        if self.queries.is_empty() {
+            vec![NamedQuery::default_query()]
+        } else {
+            self.queries.clone()
+        }
+    }
+
+    /// The queries desired by every client of group `group`.
+    pub fn group_queries(&self, group: usize) -> Vec<NamedQuery> {
+        let all = self.effective_queries();
+        match self.query_mix {
+            QueryMix::All => all,
+            QueryMix::RoundRobin => vec![all[group % all.len()].clone()],
+        }
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.clients == 0 {
+            bail!("--clients must be at least 1");
+        }
+        if self.write_rate < 0.0 || !self.write_rate.is_finite() {
+            bail!("--write-rate must be >= 0");
+        }
+        if self.write_rate > 0.0 && self.upstream_db.is_none() {
+            bail!("--write-rate needs --upstream-db");
+        }
+        if self.tx_size == 0 {
+            bail!("--tx-size must be at least 1");
+        }
+        if self.connect_rate < 0.0 || !self.connect_rate.is_finite() {
+            bail!("--connect-rate must be >= 0");
+        }
+        if self.duration.is_zero() {
+            bail!("--duration must be > 0");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_spec_parses_name_and_args() {
+        let q = parse_query(r#"issuesByStatus={"status":"open","limit":100}"#).unwrap();
+        assert_eq!(q.name, "issuesByStatus");
+        assert_eq!(
+            q.args,
+            vec![serde_json::json!({"status":"open","limit":100})]
+        );
+        let bare = parse_query("allIssues").unwrap();
+        assert!(bare.args.is_empty());
+        assert!(parse_query("=1").is_err());
+        assert!(parse_query("x={nope").is_err());
+    }
+
+    #[test]
+    fn hash_is_stable_and_distinguishes_args() {
+        let a = parse_query(r#"q={"a":1}"#).unwrap();
+        let b = parse_query(r#"q={"a":1}"#).unwrap();
+        let c = parse_query(r#"q={"a":2}"#).unwrap();
+        let d = parse_query(r#"r={"a":1}"#).unwrap();
+        assert_eq!(a.hash, b.hash);
+        assert_ne!(a.hash, c.hash);
+        assert_ne!(a.hash, d.hash);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn round_robin_gives_each_group_one_query() {
+        let args = Args::parse_from([
+            "loadtest",
+            "--clients",
+            "4",
+            "--groups",
+            "2",
+            "--query",
+            "a",
+            "--query",
+            "b",
+            "--query-mix",
+            "round-robin",
+        ]);
+        assert_eq!(args.group_queries(0)[0].name, "a");
+        assert_eq!(args.group_queries(1)[0].name, "b");
+        assert_eq!(args.effective_groups(), 2);
+        let all = Args::parse_from(["loadtest", "--query", "a", "--query", "b"]);
+        assert_eq!(all.group_queries(1).len(), 2);
+        assert_eq!(all.effective_groups(), 50);
+    }
+}
