@@ -74,5 +74,25 @@ rc=0
 case " $SERVERS " in *" zcache "*) echo "=== zcache ($ZCACHE_BIN)"; run_zcache "$@" || rc=1;; esac
 case " $SERVERS " in *" zero-cache "*) echo; echo "=== zero-cache 1.9.0"; run_zero_cache "$@" || rc=1;; esac
 ./stop.sh >/dev/null
+# Both sides measured: each figure side by side, with how many times better zcache did.
+if [ -f "$RESULTS/zcache.json" ] && [ -f "$RESULTS/zero-cache.json" ] && [ "$SERVERS" = "zcache zero-cache" ]; then
+  echo; node - "$RESULTS/zcache.json" "$RESULTS/zero-cache.json" <<'JS'
+const fs = require('fs');
+const [z, r] = process.argv.slice(2).map(f => JSON.parse(fs.readFileSync(f, 'utf8')));
+const rows = [];
+for (const name of ['connect', 'hydration', 'commit->poke']) {
+  for (const p of ['p50_ms', 'p99_ms']) {
+    const a = z.latency[name]?.[p], b = r.latency[name]?.[p];
+    rows.push([`${name} ${p.replace('_ms', '')} (ms)`, a, b, a > 0 && b > 0 ? b / a : null]);
+  }
+}
+const peak = x => x.server_rss_mib?.peak ?? x.server_rss_mib?.max;
+rows.push(['server RSS peak (MiB)', peak(z), peak(r), peak(z) > 0 ? peak(r) / peak(z) : null]);
+rows.push(['pokes/s received', z.pokes_per_s, r.pokes_per_s, r.pokes_per_s > 0 ? z.pokes_per_s / r.pokes_per_s : null]);
+const fmt = v => v == null ? '-' : (Math.abs(v) >= 100 ? v.toFixed(0) : v.toFixed(1));
+console.log('figure'.padEnd(28) + 'zcache'.padStart(10) + 'zero-cache'.padStart(12) + '  zcache better by');
+for (const [n, a, b, x] of rows) console.log(n.padEnd(28) + fmt(a).padStart(10) + fmt(b).padStart(12) + '  ' + (x == null ? '-' : fmt(x) + 'x'));
+JS
+fi
 echo "results as JSON in $RESULTS"
 exit $rc
