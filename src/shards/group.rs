@@ -40,6 +40,10 @@ pub struct Group {
     pub idle_since: Cell<Option<Instant>>,
     /// Dropped from the shard: a connection that got hold of it just before must retry.
     pub evicted: Cell<bool>,
+    /// An advance task is queued and has not yet taken the pending changes: it will cover
+    /// every version noted until then, so no second task is queued (one per group, not one
+    /// per group and version, when versions come faster than groups advance).
+    advance_queued: Cell<bool>,
     /// When the CVR's TTL clock was last brought forward; None while no client is
     /// connected, which pauses the clock (inactive queries do not expire while the app is
     /// closed).
@@ -79,6 +83,7 @@ impl Group {
             loaded: std::cell::Cell::new(false),
             idle_since: Cell::new(Some(Instant::now())),
             evicted: Cell::new(false),
+            advance_queued: Cell::new(false),
             ttl_clock_base: Cell::new(None),
             eviction: RefCell::new(None),
         }
@@ -572,8 +577,16 @@ impl Group {
 
     /// Re-evaluates the queries that read a changed table and pokes what changed.
     pub async fn advance(&self, shard: &Shard) -> GroupResult<()> {
-        let _permit = self.locked().await?;
+        let permit = self.locked().await;
+        // From here on a newly noted version needs a task of its own.
+        self.advance_queued.set(false);
+        let _permit = permit?;
         self.advance_locked(shard)
+    }
+
+    /// Marks an advance as queued; false if one already is (it will see this version too).
+    pub fn queue_advance(&self) -> bool {
+        !self.advance_queued.replace(true)
     }
 
     /// `advance` for a caller that holds the lock.

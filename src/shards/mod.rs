@@ -233,7 +233,7 @@ impl Shard {
         let groups: Vec<Rc<Group>> = self.groups.borrow().values().cloned().collect();
         for g in groups {
             g.note_version(&v);
-            if !g.has_connections() {
+            if !g.has_connections() || !g.queue_advance() {
                 continue;
             }
             let shard = self.clone();
