@@ -140,27 +140,27 @@ impl CvrStore {
         self.run(&sql).await.map(drop)
     }
 
-    /// Runs `sql` on the store's connection, connecting first when there is none; a failed
-    /// connection is dropped so the next call starts afresh.
+    /// Runs `sql` on the store's connection, connecting first when there is none. The
+    /// connection is taken out for the call and put back only when it is known to be sound:
+    /// after success or a server error, not after an I/O failure or a cancelled call.
     async fn run(&mut self, sql: &str) -> Result<Vec<crate::pgrepl::QueryResult>, StoreError> {
-        if self.conn.is_none() {
-            let mut conn = crate::pgrepl::connect(&self.cfg, false).await?;
-            // Literals below double their quotes and nothing else.
-            conn.execute("SET standard_conforming_strings = on").await?;
+        let mut conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => {
+                let mut conn = crate::pgrepl::connect(&self.cfg, false).await?;
+                // Literals below double their quotes and nothing else.
+                conn.execute("SET standard_conforming_strings = on").await?;
+                conn
+            }
+        };
+        let result = conn.simple_query(sql).await;
+        if result
+            .as_ref()
+            .map_or_else(|e| e.code().is_some(), |_| true)
+        {
             self.conn = Some(conn);
         }
-        let Some(conn) = self.conn.as_mut() else {
-            unreachable!("connected just above");
-        };
-        match conn.simple_query(sql).await {
-            Ok(r) => Ok(r),
-            Err(e) => {
-                if e.code().is_none() {
-                    self.conn = None;
-                }
-                Err(e.into())
-            }
-        }
+        Ok(result?)
     }
 }
 

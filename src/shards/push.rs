@@ -96,29 +96,9 @@ pub fn push(
 
 /// `ackMutationResponses`: asks the app server to delete the acknowledged result rows.
 pub fn cleanup_results(shard: &Rc<Shard>, group: &Rc<Group>, client_id: &str, up_to: u64) {
-    if !shard.app.has_mutate_url() {
-        return;
-    }
-    let ts = now_ms();
-    let body = json!({
-        "clientGroupID": group.id,
-        "mutations": [{
-            "type": "custom", "id": 0, "clientID": client_id, "name": "_zero_cleanupResults",
-            "args": [{"type": "single", "clientGroupID": group.id, "clientID": client_id, "upToMutationID": up_to}],
-            "timestamp": ts,
-        }],
-        "pushVersion": 1, "timestamp": ts,
-        "requestID": format!("cleanup-{}-{client_id}-{up_to}", group.id),
-    });
-    let job = PushJob {
-        body: body.to_string(),
-        token: group.token.borrow().clone(),
-        group: None,
-        mutation_ids: Vec::new(),
-    };
-    if pusher(shard, group).try_send(job).is_err() {
-        tracing::warn!(group = %group.id, "push queue full: mutation-result cleanup skipped");
-    }
+    let args = json!({"type": "single", "clientGroupID": group.id, "clientID": client_id, "upToMutationID": up_to});
+    let request_id = format!("cleanup-{}-{client_id}-{up_to}", group.id);
+    send_cleanup(shard, group, client_id, args, request_id);
 }
 
 /// `deleteClients`: asks the app server to delete every mutation result of the deleted
@@ -127,6 +107,20 @@ pub fn cleanup_results_bulk(shard: &Rc<Shard>, group: &Rc<Group>, client_ids: &[
     let Some(first) = client_ids.first() else {
         return;
     };
+    let args = json!({"type": "bulk", "clientGroupID": group.id, "clientIDs": client_ids});
+    let request_id = format!("cleanup-bulk-{}-{}", group.id, now_ms());
+    send_cleanup(shard, group, first, args, request_id);
+}
+
+/// Queues one `_zero_cleanupResults` custom mutation (as zero-cache sends it) when a mutate
+/// URL is configured; failures are only logged.
+fn send_cleanup(
+    shard: &Rc<Shard>,
+    group: &Rc<Group>,
+    client_id: &str,
+    args: Json,
+    request_id: String,
+) {
     if !shard.app.has_mutate_url() {
         return;
     }
@@ -134,12 +128,11 @@ pub fn cleanup_results_bulk(shard: &Rc<Shard>, group: &Rc<Group>, client_ids: &[
     let body = json!({
         "clientGroupID": group.id,
         "mutations": [{
-            "type": "custom", "id": 0, "clientID": first, "name": "_zero_cleanupResults",
-            "args": [{"type": "bulk", "clientGroupID": group.id, "clientIDs": client_ids}],
-            "timestamp": ts,
+            "type": "custom", "id": 0, "clientID": client_id, "name": "_zero_cleanupResults",
+            "args": [args], "timestamp": ts,
         }],
         "pushVersion": 1, "timestamp": ts,
-        "requestID": format!("cleanup-bulk-{}-{ts}", group.id),
+        "requestID": &request_id,
     });
     let job = PushJob {
         body: body.to_string(),
@@ -148,7 +141,7 @@ pub fn cleanup_results_bulk(shard: &Rc<Shard>, group: &Rc<Group>, client_ids: &[
         mutation_ids: Vec::new(),
     };
     if pusher(shard, group).try_send(job).is_err() {
-        tracing::warn!(group = %group.id, "push queue full: bulk mutation-result cleanup skipped");
+        tracing::warn!(group = %group.id, request = %request_id, "push queue full: mutation-result cleanup skipped");
     }
 }
 
