@@ -5,41 +5,34 @@
 use base64::Engine;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::http::HeaderValue;
-use tungstenite::{Message, WebSocket};
 use zcache::embedded::pgcluster::{PgCluster, PgClusterOptions};
 
-const WAIT: Duration = Duration::from_secs(60);
+mod zcache_proc;
+use zcache_proc::{free_port, next, Server, Ws, WAIT};
+
+fn start_zcache(pg: &PgCluster) -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = ["--num-sync-workers", "2", "--log-format", "json"];
+    let env = [("ZCACHE_LOG", None)];
+    let mut server = zcache_proc::start_at(
+        &pg.url("app"),
+        "zmetrics",
+        dir.path(),
+        free_port(),
+        &args,
+        &env,
+    );
+    server.dir = Some(dir);
+    server
+}
+
 /// Time for every executor to publish figures recorded now (it does so every second).
 const METRICS_WAIT: Duration = Duration::from_secs(10);
-
-struct Server {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-    /// Every line zcache wrote to stderr so far.
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 fn seed(pg: &PgCluster) {
     pg.create_database("app").expect("create db");
@@ -50,44 +43,6 @@ fn seed(pg: &PgCluster) {
            FROM generate_series(1, 20) i;",
     )
     .expect("seed");
-}
-
-/// zcache with JSON logs and two syncer shards (so `/metrics` merges several executors).
-fn start_zcache(pg: &PgCluster) -> Server {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_zcache"))
-        .args(["--upstream-db", &pg.url("app"), "--port", &port.to_string()])
-        .args(["--app-id", "zmetrics", "--num-sync-workers", "2"])
-        .args(["--log-format", "json"])
-        .arg("--replica-file")
-        .arg(dir.path().join("replica.db"))
-        .env_remove("ZCACHE_LOG")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn zcache");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let lines = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[zcache] {line}");
-            if line.contains("zcache ready") {
-                let _ = tx.send(());
-            }
-            if let Ok(mut l) = lines.lock() {
-                l.push(line);
-            }
-        }
-    });
-    rx.recv_timeout(WAIT).expect("zcache became ready");
-    Server {
-        child,
-        port,
-        _dir: dir,
-        log,
-    }
 }
 
 /// One raw HTTP exchange: (status line, lowercased headers, body).
@@ -158,8 +113,6 @@ fn scrape_until(
     }
 }
 
-type Ws = WebSocket<TcpStream>;
-
 fn connect(port: u16, init: Value) -> Ws {
     let body = json!({"initConnectionMessage": ["initConnection", init]});
     let b64 = base64::engine::general_purpose::STANDARD.encode(body.to_string());
@@ -177,16 +130,6 @@ fn connect(port: u16, init: Value) -> Ws {
         HeaderValue::from_str(&protocol).expect("header"),
     );
     tungstenite::client(req, stream).expect("handshake").0
-}
-
-fn next(ws: &mut Ws) -> Value {
-    loop {
-        match ws.read().expect("message") {
-            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON"),
-            Message::Close(_) => panic!("closed by server"),
-            _ => continue,
-        }
-    }
 }
 
 /// Reads up to the next pokeEnd; returns the puts of the poke's rows (table, id).
@@ -309,7 +252,7 @@ fn metrics_health_and_json_logs() {
     });
 
     // --log-format json: every stderr line is one JSON object with a level and a message.
-    let log = server.log.lock().expect("log").clone();
+    let log = server.log_lines();
     assert!(!log.is_empty());
     for line in &log {
         let v: Value = serde_json::from_str(line)

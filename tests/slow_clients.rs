@@ -5,19 +5,22 @@
 
 use base64::Engine;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::TcpStream;
 use std::os::fd::FromRawFd;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::http::HeaderValue;
-use tungstenite::{Message, WebSocket};
 use zcache::embedded::pgcluster::{PgCluster, PgClusterOptions};
 use zcache::shards::conn::OUTBOUND_BYTES_MAX;
 
-const WAIT: Duration = Duration::from_secs(60);
+mod zcache_proc;
+use zcache_proc::{next, Server, Ws, WAIT};
+
+fn start_zcache(pg: &PgCluster) -> Server {
+    zcache_proc::start(&pg.url("app"), "zslow", &[])
+}
+
 /// Size of one big row's body.
 const ROW_BYTES: usize = 256 * 1024;
 /// Rows in the slow client's query; each update rewrites all of them.
@@ -25,28 +28,13 @@ const ROWS: usize = 8;
 /// Updates of every row: ROWS * UPDATES * ROW_BYTES = 128 MiB sent toward the slow client.
 const UPDATES: usize = 64;
 
-struct Server {
-    child: Child,
-    port: u16,
-    log: Arc<Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
+/// What /proc says of the server process.
+trait Memory {
+    fn rss_anon_bytes(&self) -> u64;
+    fn vm_rss_bytes(&self) -> u64;
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Server {
-    fn logged(&self, needle: &str) -> bool {
-        self.log
-            .lock()
-            .map(|l| l.iter().any(|line| line.contains(needle)))
-            .unwrap_or(false)
-    }
-
+impl Memory for Server {
     /// Resident anonymous memory (heap): what queued frames occupy. File pages of the
     /// replica are left out, they are the page cache's and shared.
     fn rss_anon_bytes(&self) -> u64 {
@@ -65,54 +53,6 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("field in /proc/<pid>/status")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn start_zcache(pg: &PgCluster) -> Server {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_zcache"))
-        .args([
-            "--upstream-db",
-            &pg.url("app"),
-            "--port",
-            &port.to_string(),
-            "--app-id",
-            "zslow",
-        ])
-        .arg("--replica-file")
-        .arg(dir.path().join("replica.db"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn zcache");
-    let stderr = child.stderr.take().expect("stderr");
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let lines = log.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[zcache] {line}");
-            if line.contains("zcache ready") {
-                let _ = tx.send(());
-            }
-            if let Ok(mut l) = lines.lock() {
-                l.push(line);
-            }
-        }
-    });
-    rx.recv_timeout(WAIT).expect("zcache became ready");
-    Server {
-        child,
-        port,
-        log,
-        _dir: dir,
-    }
 }
 
 fn sec_protocol(ast: Value) -> String {
@@ -180,8 +120,6 @@ fn big_update_sql() -> String {
     )
 }
 
-type Ws = WebSocket<TcpStream>;
-
 fn handshake(stream: TcpStream, port: u16, group: &str, client: &str, ast: Value) -> Ws {
     stream.set_read_timeout(Some(WAIT)).expect("timeout");
     let mut req = format!(
@@ -194,16 +132,6 @@ fn handshake(stream: TcpStream, port: u16, group: &str, client: &str, ast: Value
         HeaderValue::from_str(&sec_protocol(ast)).expect("header"),
     );
     tungstenite::client(req, stream).expect("handshake").0
-}
-
-fn next(ws: &mut Ws) -> Value {
-    loop {
-        match ws.read().expect("message") {
-            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON"),
-            Message::Close(c) => panic!("closed by server: {c:?}"),
-            _ => continue,
-        }
-    }
 }
 
 /// Reads pokes until one carries a `tick` row with this id.

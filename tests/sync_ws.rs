@@ -4,46 +4,41 @@
 
 use base64::Engine;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::http::HeaderValue;
-use tungstenite::{Message, WebSocket};
+use tungstenite::Message;
 use zcache::embedded::pgcluster::{PgCluster, PgClusterOptions};
 
-const WAIT: Duration = Duration::from_secs(60);
+mod zcache_proc;
+use zcache_proc::{free_port, next, Server, Ws, WAIT};
 
-struct Server {
-    child: Child,
+fn start_zcache(pg: &PgCluster) -> Server {
+    zcache_proc::start(&pg.url("app"), "ztest", &[])
+}
+
+/// zcache with its replica in `dir` (kept by the caller across restarts).
+fn start_zcache_at(pg: &PgCluster, dir: &std::path::Path, port: u16) -> Server {
+    start_zcache_with(pg, dir, port, &[], "")
+}
+
+/// The same with more arguments, and `ZCACHE_LOG` when `log_filter` is not empty.
+fn start_zcache_with(
+    pg: &PgCluster,
+    dir: &std::path::Path,
     port: u16,
-    _dir: Option<tempfile::TempDir>,
-    /// Every line zcache wrote to stderr so far.
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Server {
-    fn logged(&self, needle: &str) -> bool {
-        self.log
-            .lock()
-            .map(|l| l.iter().any(|line| line.contains(needle)))
-            .unwrap_or(false)
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    args: &[&str],
+    log_filter: &str,
+) -> Server {
+    let env: &[(&str, Option<&str>)] = if log_filter.is_empty() {
+        &[]
+    } else {
+        &[("ZCACHE_LOG", Some(log_filter))]
+    };
+    zcache_proc::start_at(&pg.url("app"), "ztest", dir, port, args, env)
 }
 
 fn seed(pg: &PgCluster) {
@@ -62,69 +57,6 @@ fn seed(pg: &PgCluster) {
     .expect("seed");
 }
 
-fn start_zcache(pg: &PgCluster) -> Server {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = start_zcache_at(pg, dir.path(), free_port());
-    server._dir = Some(dir);
-    server
-}
-
-/// zcache with its replica in `dir` (kept by the caller across restarts).
-fn start_zcache_at(pg: &PgCluster, dir: &std::path::Path, port: u16) -> Server {
-    start_zcache_with(pg, dir, port, &[], "")
-}
-
-/// The same with more arguments, and `ZCACHE_LOG` when `log_filter` is not empty.
-fn start_zcache_with(
-    pg: &PgCluster,
-    dir: &std::path::Path,
-    port: u16,
-    args: &[&str],
-    log_filter: &str,
-) -> Server {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_zcache"));
-    if !log_filter.is_empty() {
-        command.env("ZCACHE_LOG", log_filter);
-    }
-    let mut child = command
-        .args([
-            "--upstream-db",
-            &pg.url("app"),
-            "--port",
-            &port.to_string(),
-            "--app-id",
-            "ztest",
-        ])
-        .arg("--replica-file")
-        .arg(dir.join("replica.db"))
-        .args(args)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn zcache");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let lines = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[zcache] {line}");
-            if line.contains("zcache ready") {
-                let _ = tx.send(());
-            }
-            if let Ok(mut l) = lines.lock() {
-                l.push(line);
-            }
-        }
-    });
-    rx.recv_timeout(WAIT).expect("zcache became ready");
-    Server {
-        child,
-        port,
-        _dir: None,
-        log,
-    }
-}
-
 fn sec_protocol(init: Value, token: Option<&str>) -> String {
     let mut body = json!({"initConnectionMessage": ["initConnection", init]});
     if let Some(t) = token {
@@ -133,8 +65,6 @@ fn sec_protocol(init: Value, token: Option<&str>) -> String {
     let b64 = base64::engine::general_purpose::STANDARD.encode(body.to_string());
     percent_encoding::utf8_percent_encode(&b64, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
-
-type Ws = WebSocket<TcpStream>;
 
 fn connect(port: u16, path_and_query: &str, protocol: &str) -> (Ws, String) {
     let stream = TcpStream::connect(("127.0.0.1", port)).expect("tcp");
@@ -154,16 +84,6 @@ fn connect(port: u16, path_and_query: &str, protocol: &str) -> (Ws, String) {
         .unwrap_or_default()
         .to_string();
     (ws, echoed)
-}
-
-fn next(ws: &mut Ws) -> Value {
-    loop {
-        match ws.read().expect("message") {
-            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON"),
-            Message::Close(_) => panic!("closed by server"),
-            _ => continue,
-        }
-    }
 }
 
 /// Reads one whole poke: (baseCookie, cookie, merged rowsPatch, got hashes, lmids).

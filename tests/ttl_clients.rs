@@ -4,35 +4,18 @@
 
 use base64::Engine;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::http::HeaderValue;
-use tungstenite::{Message, WebSocket};
+use tungstenite::Message;
 use zcache::embedded::pgcluster::{PgCluster, PgClusterOptions};
 
-const WAIT: Duration = Duration::from_secs(60);
+mod zcache_proc;
+use zcache_proc::{next, Server, Ws, WAIT};
 
-struct Server {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+fn start_zcache(pg: &PgCluster) -> Server {
+    zcache_proc::start(&pg.url("app"), "ztest", &[])
 }
 
 fn seed(pg: &PgCluster) {
@@ -45,48 +28,11 @@ fn seed(pg: &PgCluster) {
     .expect("seed");
 }
 
-fn start_zcache(pg: &PgCluster) -> Server {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_zcache"))
-        .args([
-            "--upstream-db",
-            &pg.url("app"),
-            "--port",
-            &port.to_string(),
-            "--app-id",
-            "ztest",
-        ])
-        .arg("--replica-file")
-        .arg(dir.path().join("replica.db"))
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn zcache");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("[zcache] {line}");
-            if line.contains("zcache ready") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(WAIT).expect("zcache became ready");
-    Server {
-        child,
-        port,
-        _dir: dir,
-    }
-}
-
 fn sec_protocol(init: Value) -> String {
     let body = json!({"initConnectionMessage": ["initConnection", init]});
     let b64 = base64::engine::general_purpose::STANDARD.encode(body.to_string());
     percent_encoding::utf8_percent_encode(&b64, percent_encoding::NON_ALPHANUMERIC).to_string()
 }
-
-type Ws = WebSocket<TcpStream>;
 
 /// Connects client `client` of group `group` with `init` embedded; reads `connected`.
 fn connect(port: u16, group: &str, client: &str, init: Value) -> Ws {
@@ -104,16 +50,6 @@ fn connect(port: u16, group: &str, client: &str, init: Value) -> Ws {
     let (mut ws, _) = tungstenite::client(req, stream).expect("handshake");
     assert_eq!(next(&mut ws)[0], "connected");
     ws
-}
-
-fn next(ws: &mut Ws) -> Value {
-    loop {
-        match ws.read().expect("message") {
-            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON"),
-            Message::Close(_) => panic!("closed by server"),
-            _ => continue,
-        }
-    }
 }
 
 fn send(ws: &mut Ws, msg: Value) {

@@ -1,0 +1,122 @@
+//! The zcache binary as the socket tests run it: started on a port, its stderr echoed and kept,
+//! ready once it says so, killed when dropped; and the WebSocket reads they all need.
+#![allow(dead_code)] // each test binary uses a different part of this module
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tungstenite::{Message, WebSocket};
+
+/// How long any single wait may take before the test fails instead of hanging.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+    /// The replica's directory when the server owns it (None: the caller keeps it).
+    pub dir: Option<tempfile::TempDir>,
+    /// Every line zcache wrote to stderr so far.
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    pub fn logged(&self, needle: &str) -> bool {
+        self.log
+            .lock()
+            .map(|l| l.iter().any(|line| line.contains(needle)))
+            .unwrap_or(false)
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// zcache on `upstream` with app id `app_id`, its replica in a new temp dir, on a free port.
+pub fn start(upstream: &str, app_id: &str, args: &[&str]) -> Server {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = start_at(upstream, app_id, dir.path(), free_port(), args, &[]);
+    server.dir = Some(dir);
+    server
+}
+
+/// The same with the replica in `dir` (kept by the caller, e.g. across restarts), on `port`,
+/// with environment variables (a None value removes the variable).
+pub fn start_at(
+    upstream: &str,
+    app_id: &str,
+    dir: &Path,
+    port: u16,
+    args: &[&str],
+    env: &[(&str, Option<&str>)],
+) -> Server {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_zcache"));
+    for (name, value) in env {
+        match value {
+            Some(v) => command.env(name, v),
+            None => command.env_remove(name),
+        };
+    }
+    let mut child = command
+        .args(["--upstream-db", upstream, "--port", &port.to_string()])
+        .args(["--app-id", app_id])
+        .arg("--replica-file")
+        .arg(dir.join("replica.db"))
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn zcache");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let lines = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[zcache] {line}");
+            if line.contains("zcache ready") {
+                let _ = tx.send(());
+            }
+            if let Ok(mut l) = lines.lock() {
+                l.push(line);
+            }
+        }
+    });
+    rx.recv_timeout(WAIT).expect("zcache became ready");
+    Server {
+        child,
+        port,
+        dir: None,
+        log,
+    }
+}
+
+pub type Ws = WebSocket<TcpStream>;
+
+/// The next text message as JSON (control frames skipped); a close fails the test.
+pub fn next(ws: &mut Ws) -> Value {
+    loop {
+        match ws.read().expect("message") {
+            Message::Text(t) => return serde_json::from_str(t.as_str()).expect("JSON"),
+            Message::Close(c) => panic!("closed by server: {c:?}"),
+            _ => continue,
+        }
+    }
+}
