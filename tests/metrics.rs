@@ -15,6 +15,7 @@ use zcache::embedded::pgcluster::{PgCluster, PgClusterOptions};
 mod zcache_proc;
 use zcache_proc::{free_port, next, Server, Ws, WAIT};
 
+/// zcache with JSON logs and two syncer shards (so `/metrics` merges several executors).
 fn start_zcache(pg: &PgCluster) -> Server {
     let dir = tempfile::tempdir().expect("tempdir");
     let args = ["--num-sync-workers", "2", "--log-format", "json"];
