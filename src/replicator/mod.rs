@@ -1,7 +1,7 @@
 //! The replication shard's work: set up upstream, bring the replica up to date (initial sync
 //! or resume from its watermark), then stream changes into it and tell the syncer shards
 //! about every committed version. The LSN is confirmed to Postgres only after the SQLite
-//! commit that holds it.
+//! commit that holds it is synced to disk.
 
 pub mod apply;
 pub mod ddl;
@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 /// How often a standby status is sent when nothing else prompts one (Postgres' default
 /// wal_sender_timeout is 60 s).
 pub const STATUS_INTERVAL_MS: u64 = 10_000;
+/// Longest a commit waits to be synced to disk and confirmed while more keep coming (the
+/// sync costs a disk flush, so it is shared by the transactions of this interval).
+pub const CONFIRM_INTERVAL_MS: u64 = 100;
 /// Longest wait between reconnection attempts after upstream failed.
 pub const RECONNECT_BACKOFF_MS_MAX: u64 = 30_000;
 
@@ -378,11 +381,16 @@ async fn stream(
     tracing::info!(slot = %p.slot, from = %start, "streaming changes");
     *streamed = true;
     let mut applier = Applier::new(setup::ddl_message_prefix(&p.config));
+    // Committed to SQLite (and announced to syncers) up to `applied`; synced to disk and
+    // confirmed to Postgres up to `confirmed`, at most once per CONFIRM_INTERVAL_MS.
+    let mut applied = start;
     let mut confirmed = start;
+    let mut confirmed_at = Instant::now();
     // The WAL end keepalives reported between transactions: applied (nothing in it was
     // published) but recorded in the replica only when it is about to be confirmed.
     let mut idle_end = start;
     let status_interval = Duration::from_millis(STATUS_INTERVAL_MS);
+    let confirm_interval = Duration::from_millis(CONFIRM_INTERVAL_MS);
     // A deadline, not a timer per message: keepalives that ask no reply would otherwise keep
     // restarting it, and idle WAL would be recorded only when Postgres asks (every
     // wal_sender_timeout / 2).
@@ -392,16 +400,22 @@ async fn stream(
             build_requested_indexes(&p.replica, index_requests);
         }
         if crate::reactor::stop::requested() && !applier.in_transaction() {
-            // Shutdown: everything applied is durable in the replica; confirm it and end.
-            confirmed = record_idle_end(&p.replica, &applier, idle_end, confirmed)?;
+            // Shutdown: sync everything applied, confirm it and end.
+            confirmed = confirm(&p.replica, &applier, idle_end, applied, confirmed)?;
             stream
                 .send_status(confirmed, confirmed, confirmed, false)
                 .await?;
             tracing::info!(lsn = %confirmed, "replication stopped, last LSN confirmed");
             return Ok(());
         }
+        // A commit not yet confirmed is synced once the stream pauses or the interval ends.
+        let due = if applied > confirmed && !applier.in_transaction() {
+            status_due.min(confirmed_at + confirm_interval)
+        } else {
+            status_due
+        };
         // Never longer than the stop poll, so a shutdown is noticed between messages too.
-        let wait = status_due
+        let wait = due
             .saturating_duration_since(Instant::now())
             .min(Duration::from_millis(crate::reactor::stop::STOP_POLL_MS));
         let tick = async {
@@ -410,10 +424,12 @@ async fn stream(
         };
         let event = futures_lite::future::or(async { Some(stream.recv().await) }, tick).await;
         let Some(event) = event else {
-            if Instant::now() < status_due {
+            if Instant::now() < due {
                 continue;
             }
-            confirmed = record_idle_end(&p.replica, &applier, idle_end, confirmed)?;
+            confirmed = confirm(&p.replica, &applier, idle_end, applied, confirmed)?;
+            applied = applied.max(confirmed);
+            confirmed_at = Instant::now();
             stream
                 .send_status(confirmed, confirmed, confirmed, false)
                 .await?;
@@ -424,22 +440,18 @@ async fn stream(
             ReplEvent::XLogData { data, .. } => {
                 let msg = decode_bytes(&data)?;
                 if let Some(commit) = applier.apply(&mut p.replica, msg)? {
-                    let committed_at = Instant::now();
-                    // Durable in SQLite (synchronous=FULL): only now may Postgres forget it.
-                    confirmed = Lsn(commit.watermark);
-                    stream
-                        .send_status(confirmed, confirmed, confirmed, false)
-                        .await?;
-                    status_due = Instant::now() + status_interval;
+                    // Syncers hear of it first: they read from the same OS page cache, and
+                    // durability matters only to what Postgres may forget.
                     let v = VersionReady {
                         watermark: commit.watermark,
-                        committed_at,
+                        committed_at: Instant::now(),
                         tables: commit.tables,
                         rows: commit.rows.map(std::sync::Arc::new),
                     };
                     for s in syncers {
                         let _ = s.send(v.clone()).await;
                     }
+                    applied = Lsn(commit.watermark);
                 }
             }
             ReplEvent::Keepalive {
@@ -452,8 +464,10 @@ async fn stream(
                     idle_end = wal_end;
                 }
                 if reply_requested {
-                    let before = confirmed;
-                    confirmed = record_idle_end(&p.replica, &applier, idle_end, confirmed)?;
+                    let before = applied.max(confirmed);
+                    confirmed = confirm(&p.replica, &applier, idle_end, applied, confirmed)?;
+                    applied = applied.max(confirmed);
+                    confirmed_at = Instant::now();
                     if confirmed > before {
                         // Syncers wait for the announcement of every watermark they may
                         // see in a snapshot (shards::Shard::last_version).
@@ -475,6 +489,28 @@ async fn stream(
             }
         }
     }
+}
+
+/// The LSN that may be confirmed now: the idle WAL end recorded if it is past what was
+/// applied (see `record_idle_end`), then the replica's WAL synced, so Postgres never forgets
+/// a change the replica could still lose. Inside a transaction nothing new can be synced:
+/// the last confirmed LSN stands.
+fn confirm(
+    replica: &Replica,
+    applier: &Applier,
+    idle_end: Lsn,
+    applied: Lsn,
+    confirmed: Lsn,
+) -> Result<Lsn, ReplError> {
+    if applier.in_transaction() {
+        return Ok(confirmed);
+    }
+    let lsn = record_idle_end(replica, applier, idle_end, applied)?;
+    if lsn > confirmed {
+        replica.sync_wal()?;
+    }
+    debug_assert!(lsn >= confirmed, "confirmed LSN went back");
+    Ok(lsn)
 }
 
 /// Builds the indexes syncers asked for (between transactions: each is its own).

@@ -139,8 +139,10 @@ pub fn open_connection(path: &Path, read_only: bool) -> Result<Connection, rusql
     conn.busy_timeout(Duration::from_millis(REPLICA_BUSY_TIMEOUT_MS))?;
     if !read_only {
         conn.pragma_update(None, "journal_mode", "wal")?;
-        // FULL: a commit is durable before the LSN it holds is confirmed to Postgres.
-        conn.pragma_update(None, "synchronous", "full")?;
+        // NORMAL: a commit reaches the OS at once (a killed process loses nothing) without
+        // waiting for the disk; `sync_wal` makes it durable before the LSN it holds is
+        // confirmed to Postgres, once per confirmation instead of once per transaction.
+        conn.pragma_update(None, "synchronous", "normal")?;
         conn.pragma_update(None, "wal_autocheckpoint", REPLICA_WAL_AUTOCHECKPOINT_PAGES)?;
         // When the WAL restarts after a complete checkpoint, the file shrinks to this size
         // instead of keeping its high-water mark.
@@ -198,14 +200,14 @@ impl Replica {
     }
 
     /// Commits the initial copy (without a watermark), syncs it to disk and restores the
-    /// durable settings (WAL, synchronous=FULL) for the watermark and everything after.
+    /// durable settings (WAL, synchronous=NORMAL, `sync_wal`) for the watermark and after.
     pub fn end_bulk_load(&mut self) -> Result<(), ReplicaError> {
         debug_assert!(self.bulk, "end_bulk_load without begin_bulk_load");
         self.conn.execute_batch("COMMIT")?;
         self.bulk = false;
         self.conn.pragma_update(None, "cache_size", -2000)?;
         // A checkpointed, fsynced main file before any watermark can refer to its content.
-        self.conn.pragma_update(None, "synchronous", "full")?;
+        self.conn.pragma_update(None, "synchronous", "normal")?;
         let mode: String = self
             .conn
             .query_row("PRAGMA journal_mode = wal", [], |r| r.get(0))?;
@@ -341,6 +343,26 @@ impl Replica {
         self.conn.execute_batch("COMMIT")?;
         self.bound_wal();
         Ok(())
+    }
+
+    /// Makes every committed transaction durable: syncs the `-wal` file, which holds each
+    /// commit not yet checkpointed (checkpoints sync the main file themselves under
+    /// synchronous=NORMAL). Until this returns, a power loss may take back recent commits;
+    /// so the replicator calls it before confirming an LSN to Postgres.
+    pub fn sync_wal(&self) -> Result<(), ReplicaError> {
+        debug_assert!(self.conn.is_autocommit(), "sync_wal inside a transaction");
+        match std::fs::File::open(&self.wal_path) {
+            Ok(file) => file.sync_data().map_err(|e| {
+                ReplicaError::Corrupt(format!("cannot sync {}: {e}", self.wal_path.display()))
+            }),
+            // No WAL (closed cleanly, or the journal is off): every commit is in the main file,
+            // which the checkpoint that removed the WAL synced.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ReplicaError::Corrupt(format!(
+                "cannot open {}: {e}",
+                self.wal_path.display()
+            ))),
+        }
     }
 
     /// The `-wal` file's size in bytes (0 when absent).
