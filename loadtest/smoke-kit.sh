@@ -8,6 +8,7 @@
 #      default /tmp/lt-kit), ZCACHE_BIN (default target/release/zcache), ZCACHE_PORT (4872),
 #      LOADTEST_BIN (default target/release/loadtest), SERVERS ("zcache zero-cache"),
 #      CLIENTS (50), GROUPS_N (50), WRITE_RATE (50), WARMUP (5s), DURATION (10s),
+#      QUERY (issuesByStatus={"status":"open","limit":100}; e.g. issueById={"id":"i{group1}"}),
 #      and the kit's PGPORT / ZERO_PORT / APP_PORT to move it off ports in use.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -18,6 +19,7 @@ ZCACHE_PORT="${ZCACHE_PORT:-4872}"
 LOADTEST_BIN="${LOADTEST_BIN:-$ROOT/target/release/loadtest}"
 CLIENTS="${CLIENTS:-50}"; GROUPS_N="${GROUPS_N:-50}"; WRITE_RATE="${WRITE_RATE:-50}"
 WARMUP="${WARMUP:-5s}"; DURATION="${DURATION:-10s}"
+DEFAULT_QUERY='issuesByStatus={"status":"open","limit":100}'; QUERY="${QUERY:-$DEFAULT_QUERY}"
 [ -x "$LOADTEST_BIN" ] || { echo "build the harness first: cargo build --release -p zcache-loadtest" >&2; exit 1; }
 [ -d "$KIT" ] || { echo "reference kit not found at $KIT (set KIT)" >&2; exit 1; }
 
@@ -30,7 +32,7 @@ RESULTS="$KIT_WORK/results"; mkdir -p "$RESULTS"
 harness() { # NAME SERVER_URL PID [extra flags]
   local json="$RESULTS/$1.json"
   "$LOADTEST_BIN" --server "$2" --server-pid "$3" --upstream-db "$PG_URL" \
-    --clients "$CLIENTS" --groups "$GROUPS_N" --query 'issuesByStatus={"status":"open","limit":100}' \
+    --clients "$CLIENTS" --groups "$GROUPS_N" --query "$QUERY" \
     --write-rate "$WRITE_RATE" --warmup "$WARMUP" --duration "$DURATION" --auth u1 --user-id u1 \
     --json-out "$json" "${@:4}" || { echo "loadtest failed" >&2; return 1; }
   node -e '
@@ -81,9 +83,9 @@ const fs = require('fs');
 const [z, r] = process.argv.slice(2).map(f => JSON.parse(fs.readFileSync(f, 'utf8')));
 const rows = [];
 for (const name of ['connect', 'hydration', 'commit->poke']) {
-  for (const p of ['p50_ms', 'p99_ms']) {
+  for (const p of ['p50_ms', 'p99_ms', 'max_ms']) {
     const a = z.latency[name]?.[p], b = r.latency[name]?.[p];
-    rows.push([`${name} ${p.replace('_ms', '')} (ms)`, a, b, a > 0 && b > 0 ? b / a : null]);
+    if (z.latency[name]?.count > 0) rows.push([`${name} ${p.replace('_ms', '')} (ms)`, a, b, a > 0 && b > 0 ? b / a : null]);
   }
 }
 const peak = x => x.server_rss_mib?.peak ?? x.server_rss_mib?.max;

@@ -47,8 +47,10 @@ pub struct Args {
     pub groups: usize,
 
     /// A named query as NAME=ARGS_JSON (ARGS_JSON is the single argument object, sent as
-    /// args:[ARGS_JSON]; NAME alone sends args:[]). Repeatable. Default:
-    /// issuesByStatus={"status":"open","limit":100}.
+    /// args:[ARGS_JSON]; NAME alone sends args:[]). Repeatable. In the JSON's strings,
+    /// `{group}` stands for the group's index (0..M-1) and `{group1}` for its number (1..M),
+    /// so each group can desire a query of its own (e.g. issueById={"id":"i{group1}"}).
+    /// Default: issuesByStatus={"status":"open","limit":100}.
     #[arg(long = "query", value_name = "NAME=JSON", value_parser = parse_query)]
     pub queries: Vec<NamedQuery>,
 
@@ -167,6 +169,33 @@ impl NamedQuery {
         )
     }
 
+    /// The query as group `group` sends it: `{group}` and `{group1}` in its argument strings
+    /// replaced (the hash follows the arguments, so each group's query is its own).
+    pub fn for_group(&self, group: usize) -> NamedQuery {
+        fn substitute(v: &Value, group: usize) -> Value {
+            match v {
+                Value::String(s) if s.contains("{group") => Value::String(
+                    s.replace("{group1}", &(group + 1).to_string())
+                        .replace("{group}", &group.to_string()),
+                ),
+                Value::Array(items) => {
+                    Value::Array(items.iter().map(|i| substitute(i, group)).collect())
+                }
+                Value::Object(map) => Value::Object(
+                    map.iter()
+                        .map(|(k, v)| (k.clone(), substitute(v, group)))
+                        .collect(),
+                ),
+                other => other.clone(),
+            }
+        }
+        let args: Vec<Value> = self.args.iter().map(|a| substitute(a, group)).collect();
+        if args == self.args {
+            return self.clone();
+        }
+        NamedQuery::new(&self.name, args)
+    }
+
     /// `NAME(ARGS)` for display.
     pub fn label(&self) -> String {
         let args: Vec<String> = self.args.iter().map(Value::to_string).collect();
@@ -242,10 +271,11 @@ impl Args {
     /// The queries desired by every client of group `group`.
     pub fn group_queries(&self, group: usize) -> Vec<NamedQuery> {
         let all = self.effective_queries();
-        match self.query_mix {
+        let chosen = match self.query_mix {
             QueryMix::All => all,
             QueryMix::RoundRobin => vec![all[group % all.len()].clone()],
-        }
+        };
+        chosen.iter().map(|q| q.for_group(group)).collect()
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -274,6 +304,29 @@ impl Args {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn group_placeholders_make_one_query_per_group() {
+        let q = parse_query(r#"issueById={"id":"i{group1}","tag":["g{group}"],"n":3}"#).unwrap();
+        let g0 = q.for_group(0);
+        let g41 = q.for_group(41);
+        assert_eq!(
+            g0.args,
+            vec![serde_json::json!({"id":"i1","tag":["g0"],"n":3})]
+        );
+        assert_eq!(
+            g41.args,
+            vec![serde_json::json!({"id":"i42","tag":["g41"],"n":3})]
+        );
+        assert_ne!(g0.hash, g41.hash, "each group's query has its own hash");
+        assert_eq!(g41, NamedQuery::new("issueById", g41.args.clone()));
+        let plain = parse_query(r#"issuesByStatus={"status":"open"}"#).unwrap();
+        assert_eq!(
+            plain.for_group(7),
+            plain,
+            "no placeholder: the same query for all"
+        );
+    }
 
     #[test]
     fn query_spec_parses_name_and_args() {
