@@ -24,6 +24,7 @@ use support::*;
 use zcache::embedded::pgcluster::PgCluster;
 use zcache::replicator::apply::CHANGED_ROWS_PER_VERSION_MAX;
 use zcache::shards::pending::Pending;
+use zcache::shards::routes::{interests_of, Interest, Routes};
 use zcache::shards::VersionReady;
 use zcache::sqlite::ReplicaReader;
 use zcache::zql::eval::RowCounts;
@@ -463,6 +464,17 @@ fn query(shape: usize, p: &Params) -> Json {
             q = json!({"table":"user","orderBy":[["name","asc"]],
                 "related":[{"correlation":corr("id","owner"),"subquery":issues}]});
         }
+        // Pinned roots (one issue's comments, one owner's open issues): routed by value.
+        9 => {
+            q = json!({"table":"comment","orderBy":[["id","asc"]],
+                "where":simple("issue","=",json!(p.k)),
+                "related":[{"correlation":corr("issue","id"),"subquery":{"table":"issue","alias":"issue"}}]});
+        }
+        10 => {
+            q["where"] = json!({"type":"and","conditions":[
+                simple("owner","=",json!(p.k)), simple("status","=",json!(p.status))]});
+            q["related"] = json!([comments_rel]);
+        }
         // OR with NOT EXISTS over the junction table.
         _ => {
             q["where"] = json!({"type":"or","conditions":[
@@ -505,6 +517,9 @@ fn queries() -> Vec<(String, Ast)> {
         (7, p(Some(3), json!([]), "open", Some(1), 0, false)),
         (7, p(None, json!([]), "open", None, 0, false)),
         (8, p(Some(3), pri_status(), "open", None, 0, false)),
+        (9, p(None, json!([]), "open", None, 3, false)),
+        (10, p(Some(2), pri_desc(), "open", Some(1), 1, false)),
+        (10, p(None, json!([]), "closed", None, 2, false)),
     ];
     list.into_iter()
         .enumerate()
@@ -531,6 +546,9 @@ struct Stats {
     nonempty_checks: usize,
     /// Per query: pushes that changed some row of its result.
     result_changes: Vec<usize>,
+    /// Per query, the versions the routes sent its routed group, and whether its root is
+    /// pinned by a value.
+    routed: Vec<(usize, bool)>,
 }
 
 struct Group {
@@ -750,9 +768,20 @@ fn check_version_rows(
     };
     assert_eq!(unlisted, Unlisted::No, "txn {i}: came with its row list");
     let mut first_old: HashMap<(String, String), Option<Row>> = HashMap::new();
+    let mut last_new: HashMap<(String, String), Option<Row>> = HashMap::new();
     for c in rows.iter() {
         let spec_key = (c.table.clone(), key_text(&c.key));
-        first_old.entry(spec_key).or_insert_with(|| c.old.clone());
+        first_old
+            .entry(spec_key.clone())
+            .or_insert_with(|| c.old.clone());
+        last_new.insert(spec_key, c.new.clone());
+    }
+    for (key, new) in &last_new {
+        assert_eq!(
+            new.as_ref(),
+            after.get(key),
+            "txn {i}: the listed state after of {key:?} is not the replica's"
+        );
     }
     for (key, old) in &first_old {
         assert_eq!(
@@ -816,7 +845,25 @@ fn run_pipeline(pg: &PgCluster, seed: u64, txns: usize) -> Stats {
         reader.end_snapshot().expect("end snapshot");
         let mut eager = Group::new("eager group", &queries, &reader);
         let mut lagging = Group::new("lagging group", &queries, &reader);
+        // One group per query, hearing only of the versions the shard's routes send it.
+        let mut routed: Vec<(Group, Vec<(String, Ast)>)> = queries
+            .iter()
+            .map(|q| {
+                let one = vec![q.clone()];
+                (Group::new("routed group", &one, &reader), one)
+            })
+            .collect();
         let mut stats = Stats::default();
+        let mut routes = Routes::default();
+        for (n, (g, _)) in routed.iter().enumerate() {
+            let mut interests = BTreeSet::new();
+            interests_of(&g.live[0], &mut interests);
+            let pinned = interests
+                .iter()
+                .any(|i| matches!(i, Interest::Keyed { .. }));
+            stats.routed.push((0, pinned));
+            routes.set(&n.to_string(), interests);
+        }
         let st = start_streaming(&cfg, prepared).await;
         let mut unlisted_seen = BTreeSet::new();
         // What the lagging group took and will put back (`Pending::restore`).
@@ -836,8 +883,18 @@ fn run_pipeline(pg: &PgCluster, seed: u64, txns: usize) -> Stats {
                 }
                 eager.note(&v);
                 lagging.note(&v);
+                for n in routes.groups_for(&v, |t| reader.table_spec(t), true) {
+                    let n = n.parse::<usize>().expect("group number");
+                    stats.routed[n].0 += 1;
+                    routed[n].0.note(&v);
+                }
             }
             eager.advance(&reader, &queries, &at_txn, &mut stats);
+            // Not routed: the query must still equal a fresh evaluation without advancing.
+            let mut routed_stats = Stats::default();
+            for (g, one) in &mut routed {
+                g.advance(&reader, one, &at_txn, &mut routed_stats);
+            }
 
             // An advance that found newer versions committed than announced puts back what
             // it took; the versions noted since come after it.
@@ -876,4 +933,13 @@ fn live_queries_follow_the_replicated_stream() {
     assert!(stats.nonempty_checks > stats.pushes / 2, "{stats:?}");
     // Every query's result moved under the pushed changes, not just under re-hydration.
     assert!(stats.result_changes.iter().all(|&n| n > 0), "{stats:?}");
+    // Every routed group's query stayed equal to a fresh evaluation, and the routes spared
+    // the pinned ones versions that the others followed.
+    let pinned: Vec<usize> = stats.routed.iter().filter(|r| r.1).map(|r| r.0).collect();
+    let whole = stats.routed.iter().filter(|r| !r.1).map(|r| r.0).max();
+    assert!(pinned.len() >= 4, "{stats:?}");
+    assert!(
+        pinned.iter().all(|&n| n > 0 && Some(n) < whole),
+        "{stats:?}"
+    );
 }

@@ -90,7 +90,7 @@ impl Applier {
                     return Ok(None);
                 };
                 let key = key_of(replica.spec(&table)?, &row);
-                self.note_change(&table, key, None);
+                self.note_change(&table, key, None, Some(&row));
                 replica.upsert(&table, &row)?;
             }
             PgOutput::Update {
@@ -104,7 +104,7 @@ impl Applier {
                 };
                 if self.changed.is_some() {
                     if let Some(previous) = replica.get(&table, &key)? {
-                        self.note_change(&table, key.clone(), Some(previous));
+                        self.note_change(&table, key.clone(), Some(previous), None);
                     }
                 }
                 replica.delete(&table, &key)?;
@@ -279,19 +279,20 @@ impl Applier {
             Some(k) => {
                 if self.changed.is_some() {
                     let displaced = replica.get(&table, &new_key)?;
-                    self.note_change(&table, new_key, displaced);
+                    self.note_change(&table, new_key, displaced, Some(&row));
                 }
-                self.note_change(&table, k.clone(), previous);
+                self.note_change(&table, k.clone(), previous, None);
                 replica.delete(&table, &k)?;
             }
-            None => self.note_change(&table, new_key, previous),
+            None => self.note_change(&table, new_key, previous, Some(&row)),
         }
         replica.upsert(&table, &row)?;
         Ok(())
     }
 
-    /// Records a changed row (its key and its state before) unless the list is given up.
-    fn note_change(&mut self, table: &str, key: Vec<Value>, old: Option<Row>) {
+    /// Records a changed row (its key, its state before and after) unless the list is given
+    /// up.
+    fn note_change(&mut self, table: &str, key: Vec<Value>, old: Option<Row>, new: Option<&Row>) {
         let Some(list) = &mut self.changed else {
             return;
         };
@@ -303,6 +304,7 @@ impl Applier {
             table: table.to_string(),
             key,
             old,
+            new: new.cloned(),
         });
     }
 }

@@ -6,6 +6,7 @@
 //! each version changed (`push_into`); when those are not known (a truncate, a schema
 //! change, a huge transaction) the query is hydrated again (`evaluate_into`).
 
+use super::routes::{interests_of, Interest};
 use super::Shard;
 use crate::appserver::{AppServerError, QueryRequest, TransformResult};
 use crate::cvr::{Cvr, QueryRows, QuerySpec};
@@ -191,6 +192,18 @@ impl GroupQueries {
 
     pub fn name_of(&self, hash: &str) -> Option<&str> {
         self.names.get(hash).map(String::as_str)
+    }
+
+    /// What these queries read, for the shard's routes: a maintained query's root pinned by
+    /// `column = value` reads only the rows holding it; anything else (a query not yet
+    /// hydrated, a subquery's table) reads whole tables.
+    pub fn interests(&self, out: &mut BTreeSet<Interest>) {
+        for (hash, tables) in &self.tables {
+            match self.live.get(hash) {
+                Some(q) => interests_of(q, out),
+                None => out.extend(tables.iter().cloned().map(Interest::Table)),
+            }
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 use super::conn::Conn;
 use super::eval::{self, GroupQueries};
 use super::pending::Pending;
+use super::routes::{Interest, RouteKey};
 use super::Shard;
 use crate::cvr::{Cvr, QuerySpec};
 use crate::protocol::cookie::Version;
@@ -484,7 +485,7 @@ impl Group {
             transform_failed = failed;
         }
         let mut failed = Vec::new();
-        self.in_snapshot(shard, |reader, cvr, at| {
+        let hydrated = self.in_snapshot(shard, |reader, cvr, at| {
             let mut changed = false;
             for hash in cvr.expired_queries() {
                 self.queries.borrow_mut().forget(&hash);
@@ -516,11 +517,28 @@ impl Group {
             }
             changed |= eval::refresh_mutation_state(reader, &shard.shard_schema, cvr, at)?;
             Ok(changed)
-        })?;
+        });
         if !failed.is_empty() {
             self.report_failed_queries(failed);
         }
-        Ok(())
+        // Before any await: the next version is routed by what the group now reads.
+        self.sync_routes(shard);
+        hydrated.map(drop)
+    }
+
+    /// Registers what the group's queries and its mutation state read with the shard's
+    /// routes, which decide the versions the group hears of.
+    pub fn sync_routes(&self, shard: &Shard) {
+        let mut interests = std::collections::BTreeSet::new();
+        self.queries.borrow().interests(&mut interests);
+        for table in ["clients", "mutations"] {
+            interests.insert(Interest::Keyed {
+                table: format!("{}.{table}", shard.shard_schema),
+                column: "clientGroupID".into(),
+                key: RouteKey::Text(self.id.clone()),
+            });
+        }
+        shard.routes.borrow_mut().set(&self.id, interests);
     }
 
     /// Runs `f` on one read snapshot of the replica, at the data version that snapshot gives;
@@ -654,8 +672,10 @@ impl Group {
         })?;
         if early {
             self.pending.borrow_mut().restore(pending);
+            shard.advance_at_next_version(&self.id);
             return Ok(());
         }
+        self.sync_routes(shard);
         let since = self.pending_since.take();
         if changed {
             self.poke_all();

@@ -8,6 +8,7 @@ pub mod flush;
 pub mod group;
 pub mod pending;
 pub mod push;
+pub mod routes;
 
 use crate::appserver::AppServerClient;
 use crate::config::Config;
@@ -18,7 +19,7 @@ use futures_lite::io::AsyncReadExt;
 use glommio::net::TcpStream;
 use group::Group;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::rc::Rc;
 
@@ -53,13 +54,16 @@ pub struct VersionReady {
     pub rows: Option<std::sync::Arc<Vec<ChangedRow>>>,
 }
 
-/// A row a version changed: its table, its primary-key values (key order) and its state
-/// before the version (None: it did not exist). Its state after is read from the replica.
+/// A row a version changed: its table, its primary-key values (key order), its state before
+/// the change (None: it did not exist) and after it (None: deleted). A row changed twice in
+/// one transaction is listed twice. `new` routes the change to the groups it may concern
+/// (`routes`); a group advancing reads the row's state from its own replica snapshot.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChangedRow {
     pub table: String,
     pub key: Vec<crate::zql::value::Value>,
     pub old: Option<crate::zql::value::Row>,
+    pub new: Option<crate::zql::value::Row>,
 }
 
 /// An accepted socket moving to the shard that owns its client group: the fd and the bytes
@@ -84,6 +88,13 @@ pub struct Shard {
     pub index_requests: std::sync::Arc<crate::sqlite::IndexRequests>,
     /// The CVR database (set at start-up, before the shard serves).
     pub cvrs: std::cell::OnceCell<Rc<flush::CvrPersistence>>,
+    /// Which groups each version may concern.
+    pub routes: RefCell<routes::Routes>,
+    /// The replica watermark the table specs were read at (None: not since the start).
+    specs_at: std::cell::Cell<Option<u64>>,
+    /// Groups whose advance came before the versions it saw were announced: they advance
+    /// at the next version, whatever it changed. At most one entry per group held.
+    advance_waiting: RefCell<HashSet<String>>,
 }
 
 /// FNV-1a: stable across processes and versions, so a group always lands on the same shard.
@@ -116,6 +127,9 @@ impl Shard {
             last_version: std::cell::Cell::new(0),
             index_requests,
             cvrs: std::cell::OnceCell::new(),
+            routes: RefCell::new(routes::Routes::default()),
+            specs_at: std::cell::Cell::new(None),
+            advance_waiting: RefCell::new(HashSet::new()),
         }
     }
 
@@ -194,6 +208,8 @@ impl Shard {
         };
         g.evicted.set(true);
         self.groups.borrow_mut().remove(&g.id);
+        self.routes.borrow_mut().remove(&g.id);
+        self.advance_waiting.borrow_mut().remove(&g.id);
         tracing::debug!(group = %g.id, "idle group unloaded");
         true
     }
@@ -220,19 +236,32 @@ impl Shard {
         }
     }
 
-    /// A new replica version: every group that reads a changed table advances.
-    /// Groups without sockets only remember the tables; they catch up when a client returns.
-    /// Each group advances in its own task, so one group waiting for the app server holds up
-    /// no other.
+    /// A new replica version: every group it may concern (`routes`) notes it and advances.
+    /// Groups without sockets only note it; they catch up when a client returns. Each group
+    /// advances in its own task, so one group waiting for the app server holds up no other.
     pub fn on_version(self: &Rc<Self>, v: VersionReady) {
-        if let Err(e) = self.reader.borrow_mut().reload_specs() {
-            tracing::error!(error = %e, "cannot reload replica table specs");
-        }
+        let rows_usable = self.refresh_specs(&v);
         self.last_version
             .set(self.last_version.get().max(v.watermark));
-        let groups: Vec<Rc<Group>> = self.groups.borrow().values().cloned().collect();
-        for g in groups {
+        let concerned: Vec<Rc<Group>> = {
+            let reader = self.reader.borrow();
+            let ids = self
+                .routes
+                .borrow()
+                .groups_for(&v, |t| reader.table_spec(t), rows_usable);
+            let groups = self.groups.borrow();
+            ids.iter()
+                .filter_map(|id| groups.get(&**id).cloned())
+                .collect()
+        };
+        for g in &concerned {
             g.note_version(&v);
+        }
+        let waiting = std::mem::take(&mut *self.advance_waiting.borrow_mut());
+        let waiting = waiting
+            .iter()
+            .filter_map(|id| self.groups.borrow().get(id).cloned());
+        for g in concerned.into_iter().chain(waiting) {
             if !g.has_connections() || !g.queue_advance() {
                 continue;
             }
@@ -248,6 +277,34 @@ impl Shard {
             })
             .detach();
         }
+    }
+
+    /// Reloads the table specs when `v` may have changed them (its rows are not listed: a
+    /// schema change, a truncate, a rebuild). Returns whether `v`'s rows are laid out as the
+    /// specs held: only if no schema change lies between the specs' watermark and `v`, which
+    /// holds once `v` is past that watermark (a later schema change would have reloaded).
+    fn refresh_specs(&self, v: &VersionReady) -> bool {
+        if v.rows.is_none() || self.specs_at.get().is_none() {
+            let mut reader = self.reader.borrow_mut();
+            let read = reader.begin_snapshot().and_then(|at| {
+                reader.reload_specs()?;
+                Ok(at)
+            });
+            let _ = reader.end_snapshot();
+            match read {
+                Ok(at) => self.specs_at.set(Some(at)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reload replica table specs");
+                    self.specs_at.set(None);
+                }
+            }
+        }
+        v.rows.is_some() && self.specs_at.get().is_some_and(|at| v.watermark > at)
+    }
+
+    /// `group` advances at the next version announced.
+    pub fn advance_at_next_version(&self, group: &str) {
+        self.advance_waiting.borrow_mut().insert(group.to_string());
     }
 }
 

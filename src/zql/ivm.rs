@@ -139,6 +139,24 @@ impl LiveQuery {
         self.paths.keys().map(String::as_str)
     }
 
+    /// The root table, its `column = value` conjuncts (by column name: every root row of the
+    /// view holds those values, so a row holding none of them neither before nor after a
+    /// change leaves the roots as they are), and whether the root table is also read below
+    /// the root (then any of its rows may matter).
+    pub fn root_constraints(&self) -> (&str, Vec<(&str, &Value)>, bool) {
+        let root = &self.plan.root;
+        let constraints = root
+            .pushdown
+            .iter()
+            .map(|(c, v)| (root.spec.columns[*c].name.as_str(), v))
+            .collect();
+        let below = self
+            .paths
+            .get(&root.spec.name)
+            .is_some_and(|paths| paths.iter().any(|p| !p.is_empty()));
+        (root.spec.name.as_str(), constraints, below)
+    }
+
     /// Applies a batch of changes; `src` is already in the state after all of them. Returns
     /// the keys whose count or contents may have changed (look them up in `rows`).
     pub fn push(
