@@ -19,6 +19,12 @@ use std::time::Duration;
 
 /// Client groups written in one transaction; more wait for the next round.
 pub const FLUSH_GROUPS_PER_TRANSACTION_MAX: usize = 256;
+/// How long changes wait before a round of writes starts, gathering what comes meanwhile.
+/// Writing a record costs Postgres more CPU than computing it costs zcache (one row per CVR
+/// row), so a burst of hydrations is written after it rather than competing with it. A
+/// crash forgets this much more of the recent record: its clients' cookies are then
+/// unknown and they reset, as after any unwritten poke.
+pub const FLUSH_DELAY_MS: u64 = 1_000;
 /// Backoff after a failed write, doubling up to the max.
 const FLUSH_RETRY_MS_MIN: u64 = 100;
 const FLUSH_RETRY_MS_MAX: u64 = 5_000;
@@ -83,6 +89,7 @@ impl CvrPersistence {
         };
         let mut retry_ms = FLUSH_RETRY_MS_MIN;
         while woken.recv().await.is_some() {
+            glommio::timer::sleep(Duration::from_millis(FLUSH_DELAY_MS)).await;
             while !self.dirty.borrow().is_empty() {
                 match self.flush_some(&shard).await {
                     Ok(()) => retry_ms = FLUSH_RETRY_MS_MIN,
