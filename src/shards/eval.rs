@@ -239,7 +239,7 @@ fn transform_failed(e: &AppServerError, ids: &[String]) -> ProtocolError {
 /// Hydrates one query against the open snapshot and stores its rows in the CVR.
 pub fn evaluate_into(
     reader: &ReplicaReader,
-    wanted: &IndexRequests,
+    shard: &Shard,
     queries: &mut GroupQueries,
     cvr: &mut Cvr,
     hash: &str,
@@ -250,8 +250,8 @@ pub fn evaluate_into(
     };
     queries.live.remove(hash);
     let started = std::time::Instant::now();
-    let live = LiveQuery::hydrate(ast, reader)?;
-    request_missing_indexes(reader, &live, wanted);
+    let live = shard.hydrations.hydrate(ast, reader)?;
+    request_missing_indexes(reader, &live, &shard.index_requests);
     let mut rows: QueryRows = HashMap::with_capacity(live.rows().len());
     for ((table, key), (row, _count)) in live.rows() {
         let spec = checked_spec(reader, table, row)?;
@@ -276,7 +276,7 @@ pub fn evaluate_into(
 /// and updates the CVR with the rows whose count or contents changed.
 pub fn push_into(
     reader: &ReplicaReader,
-    wanted: &IndexRequests,
+    shard: &Shard,
     queries: &mut GroupQueries,
     cvr: &mut Cvr,
     hash: &str,
@@ -284,7 +284,7 @@ pub fn push_into(
     at: Version,
 ) -> Result<bool, crate::zql::error::ZqlError> {
     let Some(live) = queries.live.get_mut(hash) else {
-        return evaluate_into(reader, wanted, queries, cvr, hash, at);
+        return evaluate_into(reader, shard, queries, cvr, hash, at);
     };
     let touched = match live.push(changes, reader) {
         Ok(t) => t,

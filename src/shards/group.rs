@@ -505,7 +505,7 @@ impl Group {
             for hash in pending {
                 match eval::evaluate_into(
                     reader,
-                    &shard.index_requests,
+                    shard,
                     &mut self.queries.borrow_mut(),
                     cvr,
                     &hash,
@@ -632,23 +632,10 @@ impl Group {
             for hash in affected {
                 let mut queries = self.queries.borrow_mut();
                 let result = match &changes {
-                    Some(changes) => eval::push_into(
-                        reader,
-                        &shard.index_requests,
-                        &mut queries,
-                        cvr,
-                        &hash,
-                        changes,
-                        at,
-                    ),
-                    None => eval::evaluate_into(
-                        reader,
-                        &shard.index_requests,
-                        &mut queries,
-                        cvr,
-                        &hash,
-                        at,
-                    ),
+                    Some(changes) => {
+                        eval::push_into(reader, shard, &mut queries, cvr, &hash, changes, at)
+                    }
+                    None => eval::evaluate_into(reader, shard, &mut queries, cvr, &hash, at),
                 };
                 match result {
                     Ok(c) => changed |= c,

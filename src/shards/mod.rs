@@ -6,6 +6,7 @@ pub mod conn;
 pub mod eval;
 pub mod flush;
 pub mod group;
+pub mod memo;
 pub mod pending;
 pub mod push;
 pub mod routes;
@@ -90,6 +91,8 @@ pub struct Shard {
     pub cvrs: std::cell::OnceCell<Rc<flush::CvrPersistence>>,
     /// Which groups each version may concern.
     pub routes: RefCell<routes::Routes>,
+    /// Hydrations at the newest watermark, shared by groups asking for the same query.
+    pub hydrations: memo::HydrationMemo,
     /// The replica watermark the table specs were read at (None: not since the start).
     specs_at: std::cell::Cell<Option<u64>>,
     /// Groups whose advance came before the versions it saw were announced: they advance
@@ -128,6 +131,7 @@ impl Shard {
             index_requests,
             cvrs: std::cell::OnceCell::new(),
             routes: RefCell::new(routes::Routes::default()),
+            hydrations: memo::HydrationMemo::default(),
             specs_at: std::cell::Cell::new(None),
             advance_waiting: RefCell::new(HashSet::new()),
         }
@@ -241,6 +245,7 @@ impl Shard {
     /// advances in its own task, so one group waiting for the app server holds up no other.
     pub fn on_version(self: &Rc<Self>, v: VersionReady) {
         let rows_usable = self.refresh_specs(&v);
+        self.hydrations.clear();
         self.last_version
             .set(self.last_version.get().max(v.watermark));
         let concerned: Vec<Rc<Group>> = {

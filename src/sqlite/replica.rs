@@ -696,4 +696,4 @@ pub fn load_specs(conn: &Connection) -> Result<Vec<TableSpec>, ReplicaError> {
 
 #[cfg(test)]
 #[path = "replica_tests.rs"]
-mod tests;
+pub(crate) mod tests;

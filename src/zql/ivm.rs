@@ -48,6 +48,7 @@ enum Step {
 }
 
 /// A maintained query.
+#[derive(Clone)]
 pub struct LiveQuery {
     plan: std::rc::Rc<Plan>,
     /// Every table the query reads, and the paths from the root to the levels reading each.
