@@ -39,6 +39,8 @@ const DRAIN_CLOSE_WAIT_MS: u64 = 100;
 pub const CLIENT_GROUPS_PER_SHARD_MAX: usize = 100_000;
 /// Largest HTTP request head accepted before the upgrade.
 pub const REQUEST_HEAD_BYTES_MAX: usize = 64 * 1024;
+/// The advance task queue's shares beside the default queue's 1,000 (sockets, hydrations).
+const ADVANCE_SHARES: usize = 250;
 /// Time a new connection has to send its request head.
 pub const REQUEST_HEAD_TIMEOUT_MS: u64 = 10_000;
 
@@ -93,6 +95,7 @@ pub struct Shard {
     pub routes: RefCell<routes::Routes>,
     /// Hydrations at the newest watermark, shared by groups asking for the same query.
     pub hydrations: memo::HydrationMemo,
+    advance_queue: std::cell::OnceCell<glommio::TaskQueueHandle>,
     /// The replica watermark the table specs were read at (None: not since the start).
     specs_at: std::cell::Cell<Option<u64>>,
     /// Groups whose advance came before the versions it saw were announced: they advance
@@ -132,6 +135,7 @@ impl Shard {
             cvrs: std::cell::OnceCell::new(),
             routes: RefCell::new(routes::Routes::default()),
             hydrations: memo::HydrationMemo::default(),
+            advance_queue: std::cell::OnceCell::new(),
             specs_at: std::cell::Cell::new(None),
             advance_waiting: RefCell::new(HashSet::new()),
         }
@@ -271,7 +275,7 @@ impl Shard {
                 continue;
             }
             let shard = self.clone();
-            glommio::spawn_local(async move {
+            let task = async move {
                 if let Err(e) = g.advance(&shard).await {
                     tracing::warn!(group = %g.id, error = %e, "advance failed");
                     let conns: Vec<_> = g.conns.borrow().values().cloned().collect();
@@ -279,9 +283,26 @@ impl Shard {
                         c.fail(&e);
                     }
                 }
-            })
-            .detach();
+            };
+            match glommio::spawn_local_into(task, self.advance_queue()) {
+                Ok(t) => drop(t.detach()),
+                Err(e) => tracing::error!(error = %e, "cannot queue an advance"),
+            }
         }
+    }
+
+    /// The task queue advances run in: beside it, sockets (pings, new connections and their
+    /// hydrations) get the shard at least every preempt period (100 ms), however many groups
+    /// a burst of versions has to advance, so an overloaded shard falls behind in its pokes
+    /// instead of dropping its clients.
+    fn advance_queue(&self) -> glommio::TaskQueueHandle {
+        *self.advance_queue.get_or_init(|| {
+            glommio::executor().create_task_queue(
+                glommio::Shares::Static(ADVANCE_SHARES),
+                glommio::Latency::NotImportant,
+                "advance",
+            )
+        })
     }
 
     /// Reloads the table specs when `v` may have changed them (its rows are not listed: a
