@@ -427,9 +427,13 @@ async fn stream(
             if Instant::now() < due {
                 continue;
             }
+            let before = applied.max(confirmed);
             confirmed = confirm(&p.replica, &applier, idle_end, applied, confirmed)?;
             applied = applied.max(confirmed);
             confirmed_at = Instant::now();
+            if confirmed > before {
+                announce_idle_end(syncers, confirmed).await;
+            }
             stream
                 .send_status(confirmed, confirmed, confirmed, false)
                 .await?;
@@ -469,17 +473,7 @@ async fn stream(
                     applied = applied.max(confirmed);
                     confirmed_at = Instant::now();
                     if confirmed > before {
-                        // Syncers wait for the announcement of every watermark they may
-                        // see in a snapshot (shards::Shard::last_version).
-                        let v = VersionReady {
-                            watermark: confirmed.0,
-                            committed_at: Instant::now(),
-                            tables: Vec::new(),
-                            rows: Some(std::sync::Arc::new(Vec::new())),
-                        };
-                        for s in syncers {
-                            let _ = s.send(v.clone()).await;
-                        }
+                        announce_idle_end(syncers, confirmed).await;
                     }
                     stream
                         .send_status(confirmed, confirmed, confirmed, false)
@@ -488,6 +482,24 @@ async fn stream(
                 }
             }
         }
+    }
+}
+
+/// Announces a watermark that recorded idle WAL (a version that changed nothing): syncers
+/// wait for the announcement of every watermark they may see in a snapshot
+/// (shards::Shard::last_version), so one left unannounced would hold their advances back.
+async fn announce_idle_end(
+    syncers: &[glommio::channels::shared_channel::ConnectedSender<VersionReady>],
+    watermark: Lsn,
+) {
+    let v = VersionReady {
+        watermark: watermark.0,
+        committed_at: Instant::now(),
+        tables: Vec::new(),
+        rows: Some(std::sync::Arc::new(Vec::new())),
+    };
+    for s in syncers {
+        let _ = s.send(v.clone()).await;
     }
 }
 
