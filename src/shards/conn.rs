@@ -18,6 +18,8 @@ use glommio::net::TcpStream;
 use std::cell::Cell;
 use std::rc::Rc;
 
+/// Client messages read ahead while an earlier one is handled; past it the reader waits.
+pub const CLIENT_MESSAGES_QUEUED_MAX: usize = 64;
 /// Frames queued for one socket before the client counts as too slow and is disconnected
 /// (it reconnects and catches up from its cookie).
 pub const OUTBOUND_FRAMES_MAX: usize = 4096;
@@ -341,13 +343,37 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
         message_bytes_max: shard.cfg.websocket_max_payload_bytes,
     };
     let mut ws = WsReader::new(reader, extra, limits);
+    // Messages are handled one at a time, in order, by a task of their own, while this loop
+    // keeps reading: a ping is answered even while a hydration or a slow app server holds
+    // up the message before it (zero-cache answers pings at once too).
+    let (ops, queued) = local_channel::new_bounded(CLIENT_MESSAGES_QUEUED_MAX);
+    let worker = glommio::spawn_local(handle_in_order(
+        shard.clone(),
+        group.clone(),
+        conn.clone(),
+        queued,
+    ));
     let mut result = match sec.init_connection {
-        Some(init) => group.init_connection(&shard, &conn, init).await,
+        Some(init) => ops
+            .send(Upstream::InitConnection(init))
+            .await
+            .map_err(|_| ProtocolError::new(ErrorKind::Internal, "message queue closed")),
         None => Ok(()),
     };
     while result.is_ok() && !conn.closed.get() {
         result = match ws.next_message().await {
-            Ok(Message::Text(text)) => handle_text(&shard, &group, &conn, text).await,
+            Ok(Message::Text(text)) => match up::parse(&mut text.to_vec()) {
+                Ok(Upstream::Ping) => {
+                    conn.send_text(down::PONG);
+                    Ok(())
+                }
+                // Full: the reader waits (the client is told nothing until a slot frees).
+                Ok(msg) => match ops.send(msg).await {
+                    Ok(()) => Ok(()),
+                    Err(_) => break, // the worker ended: the socket failed
+                },
+                Err(e) => Err(e),
+            },
             Ok(Message::Ping(_)) | Ok(Message::Pong(_)) => Ok(()),
             Ok(Message::Binary(_)) => Err(ProtocolError::new(
                 ErrorKind::InvalidMessage,
@@ -364,18 +390,40 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
     if let Err(e) = result {
         conn.fail(&e);
     }
+    // The message being handled finishes (as before, when the loop awaited it); the queued
+    // ones are dropped with the socket.
     conn.close_silently();
+    drop(ops);
+    worker.await;
     group.disconnect(&conn);
 }
 
-async fn handle_text(
+/// Handles a socket's messages in order until the queue ends or one fails (the socket is
+/// then failed with its error) or the socket closes.
+async fn handle_in_order(
+    shard: Rc<Shard>,
+    group: Rc<Group>,
+    conn: Rc<Conn>,
+    queued: local_channel::LocalReceiver<Upstream>,
+) {
+    while let Some(msg) = queued.recv().await {
+        if conn.closed.get() {
+            return;
+        }
+        if let Err(e) = handle_message(&shard, &group, &conn, msg).await {
+            conn.fail(&e);
+            return;
+        }
+    }
+}
+
+async fn handle_message(
     shard: &Rc<Shard>,
     group: &Rc<Group>,
     conn: &Rc<Conn>,
-    text: Bytes,
+    msg: Upstream,
 ) -> Result<(), ProtocolError> {
-    let mut buf = text.to_vec();
-    match up::parse(&mut buf)? {
+    match msg {
         Upstream::Ping => {
             conn.send_text(down::PONG);
             Ok(())
