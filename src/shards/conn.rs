@@ -335,17 +335,15 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
     if sec.auth_token.is_some() {
         *group.token.borrow_mut() = sec.auth_token.clone();
     }
-    if let Err(e) = group.connect(conn.clone()).await {
-        return conn.fail(&e);
-    }
     let limits = WsLimits {
         frame_bytes_max: shard.cfg.websocket_max_payload_bytes,
         message_bytes_max: shard.cfg.websocket_max_payload_bytes,
     };
     let mut ws = WsReader::new(reader, extra, limits);
-    // Messages are handled one at a time, in order, by a task of their own, while this loop
-    // keeps reading: a ping is answered even while a hydration or a slow app server holds
-    // up the message before it (zero-cache answers pings at once too).
+    // The socket joins its group and its messages are handled one at a time, in order, by a
+    // task of their own, while this loop keeps reading: a ping is answered even while the
+    // group's record loads, or a hydration or a slow app server holds up the message before
+    // it (zero-cache answers pings at once too).
     let (ops, queued) = local_channel::new_bounded(CLIENT_MESSAGES_QUEUED_MAX);
     let worker = glommio::spawn_local(handle_in_order(
         shard.clone(),
@@ -394,27 +392,35 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
     // ones are dropped with the socket.
     conn.close_silently();
     drop(ops);
-    worker.await;
-    group.disconnect(&conn);
+    if worker.await {
+        group.disconnect(&conn);
+    }
 }
 
-/// Handles a socket's messages in order until the queue ends or one fails (the socket is
-/// then failed with its error) or the socket closes.
+/// Joins the socket to its group (the cookie check, and the group's record loaded from the
+/// CVR database at its first use), then handles its messages in order until the queue ends,
+/// one fails (the socket is then failed with its error) or the socket closes. Returns
+/// whether the socket joined.
 async fn handle_in_order(
     shard: Rc<Shard>,
     group: Rc<Group>,
     conn: Rc<Conn>,
     queued: local_channel::LocalReceiver<Upstream>,
-) {
+) -> bool {
+    if let Err(e) = group.connect(conn.clone()).await {
+        conn.fail(&e);
+        return false;
+    }
     while let Some(msg) = queued.recv().await {
         if conn.closed.get() {
-            return;
+            break;
         }
         if let Err(e) = handle_message(&shard, &group, &conn, msg).await {
             conn.fail(&e);
-            return;
+            break;
         }
     }
+    true
 }
 
 async fn handle_message(
