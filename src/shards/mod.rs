@@ -41,6 +41,9 @@ pub const CLIENT_GROUPS_PER_SHARD_MAX: usize = 100_000;
 pub const REQUEST_HEAD_BYTES_MAX: usize = 64 * 1024;
 /// The advance task queue's shares beside the default queue's 1,000 (sockets, hydrations).
 const ADVANCE_SHARES: usize = 250;
+/// How long advances run before the executor looks at its other queues: the pokes they
+/// queue are written by socket tasks of the default queue, which wait at most this long.
+const ADVANCE_SLICE_MS: u64 = 2;
 /// Time a new connection has to send its request head.
 pub const REQUEST_HEAD_TIMEOUT_MS: u64 = 10_000;
 
@@ -291,15 +294,15 @@ impl Shard {
         }
     }
 
-    /// The task queue advances run in: beside it, sockets (pings, new connections and their
-    /// hydrations) get the shard at least every preempt period (100 ms), however many groups
-    /// a burst of versions has to advance, so an overloaded shard falls behind in its pokes
-    /// instead of dropping its clients.
+    /// The task queue advances run in: beside it, sockets (their writes, pings, new
+    /// connections and their hydrations) get the shard every ADVANCE_SLICE_MS, however many
+    /// groups a burst of versions has to advance, so an overloaded shard falls behind in its
+    /// pokes instead of dropping its clients.
     fn advance_queue(&self) -> glommio::TaskQueueHandle {
         *self.advance_queue.get_or_init(|| {
             glommio::executor().create_task_queue(
                 glommio::Shares::Static(ADVANCE_SHARES),
-                glommio::Latency::NotImportant,
+                glommio::Latency::Matters(std::time::Duration::from_millis(ADVANCE_SLICE_MS)),
                 "advance",
             )
         })
