@@ -423,10 +423,43 @@ async fn stream(
             None
         };
         let event = futures_lite::future::or(async { Some(stream.recv().await) }, tick).await;
-        let Some(event) = event else {
-            if Instant::now() < due {
-                continue;
-            }
+        // Whether to sync, confirm and report now: the deadline passed, or Postgres asks.
+        let report = match event {
+            None => Instant::now() >= due,
+            Some(event) => match event? {
+                ReplEvent::XLogData { data, .. } => {
+                    let msg = decode_bytes(&data)?;
+                    if let Some(commit) = applier.apply(&mut p.replica, msg)? {
+                        // Syncers hear of it first: they read from the same OS page cache,
+                        // and durability matters only to what Postgres may forget.
+                        let v = VersionReady {
+                            watermark: commit.watermark,
+                            committed_at: Instant::now(),
+                            tables: commit.tables,
+                            rows: commit.rows.map(std::sync::Arc::new),
+                        };
+                        for s in syncers {
+                            let _ = s.send(v.clone()).await;
+                        }
+                        applied = Lsn(commit.watermark);
+                    }
+                    false
+                }
+                ReplEvent::Keepalive {
+                    wal_end,
+                    reply_requested,
+                    ..
+                } => {
+                    // Idle between transactions, everything up to wal_end is applied or
+                    // irrelevant.
+                    if !applier.in_transaction() && wal_end > idle_end {
+                        idle_end = wal_end;
+                    }
+                    reply_requested
+                }
+            },
+        };
+        if report {
             let before = applied.max(confirmed);
             confirmed = confirm(&p.replica, &applier, idle_end, applied, confirmed)?;
             applied = applied.max(confirmed);
@@ -438,49 +471,6 @@ async fn stream(
                 .send_status(confirmed, confirmed, confirmed, false)
                 .await?;
             status_due = Instant::now() + status_interval;
-            continue;
-        };
-        match event? {
-            ReplEvent::XLogData { data, .. } => {
-                let msg = decode_bytes(&data)?;
-                if let Some(commit) = applier.apply(&mut p.replica, msg)? {
-                    // Syncers hear of it first: they read from the same OS page cache, and
-                    // durability matters only to what Postgres may forget.
-                    let v = VersionReady {
-                        watermark: commit.watermark,
-                        committed_at: Instant::now(),
-                        tables: commit.tables,
-                        rows: commit.rows.map(std::sync::Arc::new),
-                    };
-                    for s in syncers {
-                        let _ = s.send(v.clone()).await;
-                    }
-                    applied = Lsn(commit.watermark);
-                }
-            }
-            ReplEvent::Keepalive {
-                wal_end,
-                reply_requested,
-                ..
-            } => {
-                // Idle between transactions, everything up to wal_end is applied or irrelevant.
-                if !applier.in_transaction() && wal_end > idle_end {
-                    idle_end = wal_end;
-                }
-                if reply_requested {
-                    let before = applied.max(confirmed);
-                    confirmed = confirm(&p.replica, &applier, idle_end, applied, confirmed)?;
-                    applied = applied.max(confirmed);
-                    confirmed_at = Instant::now();
-                    if confirmed > before {
-                        announce_idle_end(syncers, confirmed).await;
-                    }
-                    stream
-                        .send_status(confirmed, confirmed, confirmed, false)
-                        .await?;
-                    status_due = Instant::now() + status_interval;
-                }
-            }
         }
     }
 }
