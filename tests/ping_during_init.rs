@@ -4,18 +4,15 @@
 //! client that hears nothing for 5 s reconnects). Real PostgreSQL, the zcache binary, a raw
 //! WebSocket client, and a minimal app server on a socket of its own.
 
-use base64::Engine;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
-use tungstenite::client::IntoClientRequest;
-use tungstenite::http::HeaderValue;
 use tungstenite::Message;
 use zcache::embedded::pgcluster::{PgCluster, PgClusterOptions};
 
 mod zcache_proc;
-use zcache_proc::{next, WAIT};
+use zcache_proc::{connect, next, WAIT};
 
 /// How long the app server sits on each /query request.
 const APP_SERVER_DELAY_MS: u64 = 1_500;
@@ -75,12 +72,6 @@ fn serve_queries(stream: TcpStream) {
     }
 }
 
-fn sec_protocol(init: Value) -> String {
-    let body = json!({"initConnectionMessage": ["initConnection", init]});
-    let b64 = base64::engine::general_purpose::STANDARD.encode(body.to_string());
-    percent_encoding::utf8_percent_encode(&b64, percent_encoding::NON_ALPHANUMERIC).to_string()
-}
-
 #[test]
 fn a_ping_is_answered_while_the_initconnection_waits_for_the_app_server() {
     let pg = PgCluster::start(PgClusterOptions::default()).expect("postgres");
@@ -97,20 +88,7 @@ fn a_ping_is_answered_while_the_initconnection_waits_for_the_app_server() {
 
     let init = json!({"desiredQueriesPatch": [
         {"op": "put", "hash": "q1", "name": "allIssues", "args": []}]});
-    let stream = TcpStream::connect(("127.0.0.1", server.port)).expect("tcp");
-    stream.set_read_timeout(Some(WAIT)).expect("timeout");
-    let mut req = format!(
-        "ws://127.0.0.1:{}/sync/v51/connect?clientID=c1&clientGroupID=g1&baseCookie=&ts=1&lmid=0&wsid=w1",
-        server.port
-    )
-    .into_client_request()
-    .expect("request");
-    req.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        HeaderValue::from_str(&sec_protocol(init)).expect("header"),
-    );
-    let (mut ws, _) = tungstenite::client(req, stream).expect("handshake");
-    assert_eq!(next(&mut ws)[0], "connected");
+    let mut ws = connect(server.port, "g1", "c1", init);
 
     // The config poke (the desired query) comes before the transform; then the socket waits.
     let sent = Instant::now();

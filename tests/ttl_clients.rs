@@ -2,17 +2,13 @@
 //! zcache binary, and WebSocket clients speaking the Zero protocol as the 1.9 client does.
 //! Queries are legacy ASTs, so no app server is needed.
 
-use base64::Engine;
 use serde_json::{json, Value};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
-use tungstenite::client::IntoClientRequest;
-use tungstenite::http::HeaderValue;
 use tungstenite::Message;
 use zcache::embedded::pgcluster::{PgCluster, PgClusterOptions};
 
 mod zcache_proc;
-use zcache_proc::{next, Server, Ws, WAIT};
+use zcache_proc::{connect, next, Server, Ws};
 
 fn start_zcache(pg: &PgCluster) -> Server {
     zcache_proc::start(&pg.url("app"), "ztest", &[])
@@ -26,30 +22,6 @@ fn seed(pg: &PgCluster) {
          INSERT INTO issue SELECT 'i' || i, 'Issue ' || i FROM generate_series(1, 5) i;",
     )
     .expect("seed");
-}
-
-fn sec_protocol(init: Value) -> String {
-    let body = json!({"initConnectionMessage": ["initConnection", init]});
-    let b64 = base64::engine::general_purpose::STANDARD.encode(body.to_string());
-    percent_encoding::utf8_percent_encode(&b64, percent_encoding::NON_ALPHANUMERIC).to_string()
-}
-
-/// Connects client `client` of group `group` with `init` embedded; reads `connected`.
-fn connect(port: u16, group: &str, client: &str, init: Value) -> Ws {
-    let stream = TcpStream::connect(("127.0.0.1", port)).expect("tcp");
-    stream.set_read_timeout(Some(WAIT)).expect("timeout");
-    let mut req = format!(
-        "ws://127.0.0.1:{port}/sync/v51/connect?clientID={client}&clientGroupID={group}&baseCookie=&ts=1&lmid=0&wsid=w-{client}"
-    )
-    .into_client_request()
-    .expect("request");
-    req.headers_mut().insert(
-        "Sec-WebSocket-Protocol",
-        HeaderValue::from_str(&sec_protocol(init)).expect("header"),
-    );
-    let (mut ws, _) = tungstenite::client(req, stream).expect("handshake");
-    assert_eq!(next(&mut ws)[0], "connected");
-    ws
 }
 
 fn send(ws: &mut Ws, msg: Value) {

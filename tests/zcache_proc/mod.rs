@@ -110,6 +110,33 @@ pub fn start_at(
 
 pub type Ws = WebSocket<TcpStream>;
 
+/// The Sec-WebSocket-Protocol value carrying `init` as the embedded initConnection.
+pub fn sec_protocol(init: Value) -> String {
+    use base64::Engine;
+    let body = serde_json::json!({"initConnectionMessage": ["initConnection", init]});
+    let b64 = base64::engine::general_purpose::STANDARD.encode(body.to_string());
+    percent_encoding::utf8_percent_encode(&b64, percent_encoding::NON_ALPHANUMERIC).to_string()
+}
+
+/// Connects client `client` of group `group` with `init` embedded; reads `connected`.
+pub fn connect(port: u16, group: &str, client: &str, init: Value) -> Ws {
+    use tungstenite::client::IntoClientRequest;
+    let stream = TcpStream::connect(("127.0.0.1", port)).expect("tcp");
+    stream.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut req = format!(
+        "ws://127.0.0.1:{port}/sync/v51/connect?clientID={client}&clientGroupID={group}&baseCookie=&ts=1&lmid=0&wsid=w-{client}"
+    )
+    .into_client_request()
+    .expect("request");
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        tungstenite::http::HeaderValue::from_str(&sec_protocol(init)).expect("header"),
+    );
+    let (mut ws, _) = tungstenite::client(req, stream).expect("handshake");
+    assert_eq!(next(&mut ws)[0], "connected");
+    ws
+}
+
 /// The next text message as JSON (control frames skipped); a close fails the test.
 pub fn next(ws: &mut Ws) -> Value {
     loop {
