@@ -83,6 +83,49 @@ pub struct Config {
     #[arg(long, env = "ZERO_ADMIN_PASSWORD")]
     pub admin_password: Option<String>,
 
+    /// A public JWK (JSON) that verifies client JWTs (legacy auth; only one key option).
+    #[arg(long, env = "ZERO_AUTH_JWK")]
+    pub auth_jwk: Option<String>,
+
+    /// URL of a JWK set that verifies client JWTs (legacy auth; only one key option).
+    #[arg(long, env = "ZERO_AUTH_JWKS_URL")]
+    pub auth_jwks_url: Option<String>,
+
+    /// HMAC secret (its UTF-8 bytes) that verifies client JWTs (legacy auth; only one key
+    /// option).
+    #[arg(long, env = "ZERO_AUTH_SECRET")]
+    pub auth_secret: Option<String>,
+
+    /// When set, a client JWT must carry this `iss`.
+    #[arg(long, env = "ZERO_AUTH_ISSUER")]
+    pub auth_issuer: Option<String>,
+
+    /// When set, a client JWT's `aud` must be (or contain) this.
+    #[arg(long, env = "ZERO_AUTH_AUDIENCE")]
+    pub auth_audience: Option<String>,
+
+    /// Apply legacy CRUD mutations (`z.mutate.<table>.insert` ...) to upstream.
+    #[arg(long, env = "ZERO_ENABLE_CRUD_MUTATIONS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_crud_mutations: bool,
+
+    /// Upstream connections for CRUD mutations, divided evenly amongst syncer shards (at
+    /// least one each).
+    #[arg(long, env = "ZERO_UPSTREAM_MAX_CONNS", default_value_t = 20)]
+    pub upstream_max_conns: usize,
+
+    /// CRUD mutations one user may make per window (unset: no limit). zcache counts per user
+    /// (the JWT's sub, else the connection's userID) across all shards.
+    #[arg(long, env = "ZERO_PER_USER_MUTATION_LIMIT_MAX")]
+    pub per_user_mutation_limit_max: Option<u64>,
+
+    /// The rate limit's sliding window, in milliseconds.
+    #[arg(long, env = "ZERO_PER_USER_MUTATION_LIMIT_WINDOW_MS", default_value_t = 60_000)]
+    pub per_user_mutation_limit_window_ms: u64,
+
+    /// The version the inspector reports (default: the zero-cache version zcache speaks for).
+    #[arg(long, env = "ZERO_SERVER_VERSION")]
+    pub server_version: Option<String>,
+
     /// Largest WebSocket message accepted from a client, in bytes.
     #[arg(long, env = "ZERO_WEBSOCKET_MAX_PAYLOAD_BYTES", default_value_t = 10 * 1024 * 1024)]
     pub websocket_max_payload_bytes: usize,
@@ -136,6 +179,10 @@ pub enum ConfigError {
     Publication(String),
     #[error("--num-sync-workers must be at least 1 (zcache has no replication-only mode yet)")]
     NoSyncWorkers,
+    #[error("only one of --auth-jwk, --auth-jwks-url and --auth-secret (ZERO_AUTH_JWK, ZERO_AUTH_JWKS_URL, ZERO_AUTH_SECRET) may be set; these are: {0}")]
+    AuthKeys(String),
+    #[error("--per-user-mutation-limit-window-ms must be at least 1")]
+    LimitWindow,
 }
 
 impl Config {
@@ -156,6 +203,21 @@ impl Config {
         }
         if self.num_sync_workers == Some(0) {
             return Err(ConfigError::NoSyncWorkers);
+        }
+        let keys: Vec<&str> = [
+            ("--auth-jwk", &self.auth_jwk),
+            ("--auth-jwks-url", &self.auth_jwks_url),
+            ("--auth-secret", &self.auth_secret),
+        ]
+        .iter()
+        .filter(|(_, v)| v.as_deref().is_some_and(|v| !v.is_empty()))
+        .map(|(n, _)| *n)
+        .collect();
+        if keys.len() > 1 {
+            return Err(ConfigError::AuthKeys(keys.join(", ")));
+        }
+        if self.per_user_mutation_limit_window_ms == 0 {
+            return Err(ConfigError::LimitWindow);
         }
         Ok(())
     }
@@ -210,6 +272,14 @@ mod tests {
         assert_eq!(parse(&["--log-format", "json"]).log_format, LogFormat::Json);
         let bad = Config::try_parse_from(["zcache", "--log-format", "xml"]);
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn more_than_one_key_option_is_refused() {
+        let c = parse(&["--auth-secret", "s", "--auth-jwks-url", "http://x/jwks"]);
+        let e = c.validate().expect_err("two key options");
+        assert!(e.to_string().contains("--auth-jwks-url, --auth-secret"), "{e}");
+        parse(&["--auth-secret", "s"]).validate().expect("one is fine");
     }
 
     #[test]

@@ -6,10 +6,13 @@
 //! pinned thread-per-core executors.
 
 pub mod appserver;
+pub mod auth;
 pub mod config;
 pub mod cvr;
 pub mod embedded;
 pub mod metrics;
+pub mod mutagen;
+pub mod permissions;
 pub mod pgrepl;
 pub mod protocol;
 pub mod reactor;

@@ -16,6 +16,9 @@ pub enum ErrorKind {
     ServerOverloaded,
     TransformFailed,
     PushFailed,
+    AuthInvalidated,
+    MutationFailed,
+    MutationRateLimited,
 }
 
 impl ErrorKind {
@@ -34,6 +37,9 @@ impl ErrorKind {
             ErrorKind::ServerOverloaded => "ServerOverloaded",
             ErrorKind::TransformFailed => "TransformFailed",
             ErrorKind::PushFailed => "PushFailed",
+            ErrorKind::AuthInvalidated => "AuthInvalidated",
+            ErrorKind::MutationFailed => "MutationFailed",
+            ErrorKind::MutationRateLimited => "MutationRateLimited",
         }
     }
 }

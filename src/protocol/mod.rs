@@ -2,6 +2,7 @@
 //! written directly as JSON text, error kinds and cookies.
 
 pub mod cookie;
+pub mod crud;
 pub mod down;
 pub mod error;
 pub mod up;
