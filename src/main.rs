@@ -60,7 +60,7 @@ fn main() {
     let upstream = match &cfg.upstream_db {
         Some(url) => url.clone(),
         None => {
-            let (cluster, url) = demo::start(&cfg.data_dir)
+            let (cluster, url) = demo::start(&cfg.data_dir, &cfg.app_id)
                 .unwrap_or_else(|e| fail(format!("cannot start the embedded PostgreSQL: {e}")));
             notice(format!(
                 "no --upstream-db given: serving the embedded demo database {url}"

@@ -44,6 +44,7 @@ fn seed(pg: &PgCluster) {
            FROM generate_series(1, 20) i;",
     )
     .expect("seed");
+    zcache_proc::allow_reads(pg, "app", "zmetrics", &["issue"]);
 }
 
 /// One raw HTTP exchange: (status line, lowercased headers, body).

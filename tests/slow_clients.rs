@@ -195,6 +195,7 @@ fn a_client_that_never_reads_is_closed_and_memory_stays_bounded() {
         ),
     )
     .expect("seed");
+    zcache_proc::allow_reads(&pg, "app", "zslow", &["blob", "tick"]);
     let server = start_zcache(&pg);
     let port = server.port;
     let (slow_group, normal_group) = groups_on_one_shard();

@@ -55,6 +55,7 @@ fn seed(pg: &PgCluster) {
          INSERT INTO big VALUES ('safe', 9007199254740991), ('unsafe', 9007199254740993);",
     )
     .expect("seed");
+    zcache_proc::allow_reads(pg, "app", "ztest", &["issue", "comment", "big"]);
 }
 
 fn sec_protocol(init: Value, token: Option<&str>) -> String {
@@ -216,7 +217,7 @@ fn zero_protocol_over_real_sockets() {
     let protocol = sec_protocol(init_with(open_issues_ast()), Some("tok"));
     let (mut ws, echoed) = connect(
         port,
-        "/sync/v51/connect?clientID=c1&clientGroupID=g1&baseCookie=&ts=1.5&lmid=0&wsid=w1",
+        "/sync/v51/connect?clientID=c1&clientGroupID=g1&userID=u1&baseCookie=&ts=1.5&lmid=0&wsid=w1",
         &protocol,
     );
     assert_eq!(

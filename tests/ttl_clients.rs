@@ -22,6 +22,7 @@ fn seed(pg: &PgCluster) {
          INSERT INTO issue SELECT 'i' || i, 'Issue ' || i FROM generate_series(1, 5) i;",
     )
     .expect("seed");
+    zcache_proc::allow_reads(pg, "app", "ztest", &["issue"]);
 }
 
 fn send(ws: &mut Ws, msg: Value) {

@@ -23,8 +23,13 @@ INSERT INTO comment SELECT 'c' || i, 'i' || (1 + i % 500), 'Comment body ' || i,
   FROM generate_series(1, 2000) i;
 "#;
 
-/// Starts (or restarts) the embedded cluster and seeds the demo database once.
-pub fn start(data_dir: &Path) -> Result<(PgCluster, String), ClusterError> {
+/// Row-level permissions for the demo's legacy queries and CRUD mutations: anyone may read
+/// and write every demo table (a real app deploys its own with `zero-deploy-permissions`).
+const DEMO_PERMISSIONS: &str = r#"{"tables":{"user":{"row":{"select":[["allow",{"type":"and","conditions":[]}]]}},"issue":{"row":{"select":[["allow",{"type":"and","conditions":[]}]],"insert":[["allow",{"type":"and","conditions":[]}]],"update":{"preMutation":[["allow",{"type":"and","conditions":[]}]],"postMutation":[["allow",{"type":"and","conditions":[]}]]},"delete":[["allow",{"type":"and","conditions":[]}]]}},"comment":{"row":{"select":[["allow",{"type":"and","conditions":[]}]],"insert":[["allow",{"type":"and","conditions":[]}]],"update":{"preMutation":[["allow",{"type":"and","conditions":[]}]],"postMutation":[["allow",{"type":"and","conditions":[]}]]},"delete":[["allow",{"type":"and","conditions":[]}]]}}}}"#;
+
+/// Starts (or restarts) the embedded cluster and seeds the demo database once; the demo
+/// permissions go to app `app_id` unless it has some already.
+pub fn start(data_dir: &Path, app_id: &str) -> Result<(PgCluster, String), ClusterError> {
     let cluster = PgCluster::start(PgClusterOptions {
         data_dir: Some(data_dir.join("pg")),
         port: None,
@@ -39,6 +44,11 @@ pub fn start(data_dir: &Path) -> Result<(PgCluster, String), ClusterError> {
         cluster.psql(DEMO_DATABASE, DEMO_SQL)?;
         tracing::info!("demo data loaded: 20 users, 500 issues, 2000 comments");
     }
+    let deploy = format!(
+        "{}\nUPDATE \"{app_id}\".permissions SET permissions = '{DEMO_PERMISSIONS}' WHERE permissions IS NULL;",
+        crate::replicator::setup::permissions_sql(app_id)
+    );
+    cluster.psql(DEMO_DATABASE, &deploy)?;
     let url = cluster.url(DEMO_DATABASE);
     Ok((cluster, url))
 }

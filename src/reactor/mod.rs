@@ -35,6 +35,8 @@ pub enum StartError {
     UpstreamUrl(String),
     #[error("invalid CVR database URL (ZERO_CVR_DB): {0}")]
     CvrUrl(String),
+    #[error("{0}")]
+    Auth(String),
 }
 
 fn cores() -> usize {
@@ -148,6 +150,18 @@ pub fn run(cfg: Config, upstream_url: String) -> Result<(), StartError> {
     };
     let addr = listen_addr(cfg.port)?;
     let n = cfg.sync_shard_count(cores());
+    let verifier = crate::auth::Verifier::from_config(&cfg)
+        .map_err(|e| StartError::Auth(e.to_string()))?
+        .map(std::sync::Arc::new);
+    let limits = cfg.per_user_mutation_limit_max.map(|max| {
+        std::sync::Arc::new(crate::mutagen::UserLimits::new(
+            max,
+            cfg.per_user_mutation_limit_window_ms,
+        ))
+    });
+    // zero-cache divides the pool evenly amongst its sync workers.
+    let crud_conns = (cfg.upstream_max_conns / n).max(1);
+    let crud_upstream = upstream.clone();
     let (version_txs, version_rxs): (
         Vec<SharedSender<VersionReady>>,
         Vec<SharedReceiver<VersionReady>>,
@@ -211,6 +225,14 @@ pub fn run(cfg: Config, upstream_url: String) -> Result<(), StartError> {
         let bound_tx = bound_tx.clone();
         let index_requests = index_requests.clone();
         let cvr_db = cvr_db.clone();
+        let legacy = LegacyParts {
+            verifier: verifier.clone(),
+            limits: limits.clone(),
+            upstream: shard_cfg
+                .enable_crud_mutations
+                .then(|| crud_upstream.clone()),
+            crud_conns,
+        };
         threads.push(spawn_executor(
             &format!("zcache-sync{id}"),
             &cfg,
@@ -227,6 +249,7 @@ pub fn run(cfg: Config, upstream_url: String) -> Result<(), StartError> {
                     bound_tx,
                     index_requests,
                     cvr_db,
+                    legacy,
                 )
                 .await
             },
@@ -253,6 +276,15 @@ pub fn run(cfg: Config, upstream_url: String) -> Result<(), StartError> {
     Ok(())
 }
 
+/// The legacy API's parts a syncer shard is started with: the shared ones, and what it
+/// needs to open its own CRUD pool (None: CRUD disabled).
+struct LegacyParts {
+    verifier: Option<std::sync::Arc<crate::auth::Verifier>>,
+    limits: Option<std::sync::Arc<crate::mutagen::UserLimits>>,
+    upstream: Option<ConnConfig>,
+    crud_conns: usize,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_syncer(
     id: usize,
@@ -265,6 +297,7 @@ async fn run_syncer(
     bound: mpsc::Sender<Result<(), String>>,
     index_requests: std::sync::Arc<crate::sqlite::IndexRequests>,
     cvr_db: ConnConfig,
+    legacy: LegacyParts,
 ) {
     let reader = match ReplicaReader::open(&cfg.replica_file) {
         Ok(r) => r,
@@ -274,7 +307,21 @@ async fn run_syncer(
         }
     };
     let shard_schema = cfg.shard_schema();
-    let shard = Rc::new(Shard::new(id, n, Rc::new(cfg), reader, index_requests));
+    let legacy = shards::Legacy {
+        verifier: legacy.verifier,
+        limits: legacy.limits,
+        mutagen: legacy.upstream.map(|upstream| {
+            crate::mutagen::Mutagen::new(upstream, shard_schema.clone(), legacy.crud_conns)
+        }),
+    };
+    let shard = Rc::new(Shard::new(
+        id,
+        n,
+        Rc::new(cfg),
+        reader,
+        index_requests,
+        legacy,
+    ));
     let weak = Rc::downgrade(&shard);
     let gauges = move || weak.upgrade().map(|s| crate::metrics::shard_gauges(&s));
     glommio::spawn_local(crate::metrics::publish_forever(id.to_string(), gauges)).detach();

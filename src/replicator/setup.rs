@@ -75,15 +75,11 @@ pub async fn check_upstream<S: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Creates the app and shard schemas, their tables and the publications, if missing.
-pub async fn ensure_shard_schema<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: &mut PgConn<S>,
-    cfg: &Config,
-) -> Result<(), SetupError> {
-    let app = quote_ident(&cfg.app_id);
-    let shard = quote_ident(&cfg.shard_schema());
-    let pubs_literal = quote_literal(&format!("{{{}}}", publications(cfg).join(",")));
-    let sql = format!(
+/// The app schema and its single-row `permissions` table, whose hash a trigger keeps (as
+/// zero-cache creates them; `zero-deploy-permissions` updates the row).
+pub fn permissions_sql(app_id: &str) -> String {
+    let app = quote_ident(app_id);
+    format!(
         r#"
 CREATE SCHEMA IF NOT EXISTS {app};
 CREATE TABLE IF NOT EXISTS {app}.permissions (
@@ -93,7 +89,21 @@ BEGIN NEW.hash = md5(NEW.permissions::text); RETURN NEW; END $$ LANGUAGE plpgsql
 DROP TRIGGER IF EXISTS on_set_permissions ON {app}.permissions;
 CREATE TRIGGER on_set_permissions BEFORE INSERT OR UPDATE ON {app}.permissions
   FOR EACH ROW EXECUTE FUNCTION {app}.set_permissions_hash();
-INSERT INTO {app}.permissions (permissions) VALUES (NULL) ON CONFLICT DO NOTHING;
+INSERT INTO {app}.permissions (permissions) VALUES (NULL) ON CONFLICT DO NOTHING;"#
+    )
+}
+
+/// Creates the app and shard schemas, their tables and the publications, if missing.
+pub async fn ensure_shard_schema<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: &mut PgConn<S>,
+    cfg: &Config,
+) -> Result<(), SetupError> {
+    let permissions = permissions_sql(&cfg.app_id);
+    let shard = quote_ident(&cfg.shard_schema());
+    let pubs_literal = quote_literal(&format!("{{{}}}", publications(cfg).join(",")));
+    let sql = format!(
+        r#"
+{permissions}
 CREATE SCHEMA IF NOT EXISTS {shard};
 CREATE TABLE IF NOT EXISTS {shard}.clients (
   "clientGroupID" TEXT NOT NULL, "clientID" TEXT NOT NULL, "lastMutationID" BIGINT NOT NULL,
@@ -141,8 +151,9 @@ INSERT INTO {shard}."shardConfig" (publications, "ddlDetection") VALUES ({pubs_l
     let metadata = metadata_publication(cfg);
     if !existing.contains(&metadata) {
         conn.execute(&format!(
-            "CREATE PUBLICATION {} FOR TABLE {app}.permissions, {shard}.clients, {shard}.mutations",
-            quote_ident(&metadata)
+            "CREATE PUBLICATION {} FOR TABLE {}.permissions, {shard}.clients, {shard}.mutations",
+            quote_ident(&metadata),
+            quote_ident(&cfg.app_id)
         ))
         .await?;
     }

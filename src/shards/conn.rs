@@ -31,6 +31,8 @@ pub const OUTBOUND_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// with backoff after any close without an error frame (except 1009), and resumes from its
 /// cookie.
 pub const CLOSE_CODE_TRY_AGAIN_LATER: u16 = 1013;
+/// WebSocket close code of a connect refused for its credentials (zero-cache's).
+pub const CLOSE_CODE_REFUSED: u16 = 3000;
 /// Time the writer gives the close frame of a lagging client before dropping the socket.
 const LAGGING_CLOSE_TIMEOUT_MS: u64 = 1000;
 
@@ -117,6 +119,10 @@ impl Outflow {
 pub struct Conn {
     pub client_id: String,
     pub wsid: String,
+    /// The connect URL's userID (None: logged out).
+    pub user_id: Option<String>,
+    /// The credentials the connection holds (None: anonymous).
+    pub auth: std::cell::RefCell<Option<super::auth::Auth>>,
     /// The cookie the client holds: the URL's baseCookie, then each poke's end.
     pub cookie: Cell<Option<Version>>,
     /// Whether this socket got a poke yet (zero-cache forces one after connecting).
@@ -208,6 +214,8 @@ impl Conn {
 struct ConnectParams {
     client_id: String,
     client_group_id: String,
+    /// Empty counts as absent (zero-cache's url-params.ts).
+    user_id: Option<String>,
     base_cookie: Option<String>,
     wsid: String,
 }
@@ -226,6 +234,7 @@ fn connect_params(req: &UpgradeRequest) -> Result<ConnectParams, ProtocolError> 
     Ok(ConnectParams {
         client_id: required("clientID")?,
         client_group_id: required("clientGroupID")?,
+        user_id: req.query_param("userID").filter(|u| !u.is_empty()),
         base_cookie: req.query_param("baseCookie").filter(|c| !c.is_empty()),
         wsid: req.query_param("wsid").unwrap_or_default(),
     })
@@ -279,16 +288,21 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
     ))
     .detach();
 
-    let early = |err: ProtocolError| {
+    // A refused connect: the error frame, then a close. Refused credentials close with
+    // 3000 and the message as the reason, as zero-cache does (cut to the 123 bytes a close
+    // reason may hold, where zero-cache's own close throws and takes the process down).
+    let early_with = |err: ProtocolError, code: u16| {
+        let reason = if code == CLOSE_CODE_REFUSED { err.message.as_str() } else { "" };
         for item in [
             Outbound::Frame(text_frame(down::error(&err).as_bytes())),
-            Outbound::Close(close_frame(1000, "")),
+            Outbound::Close(close_frame(code, reason)),
         ] {
             if flow.reserve(item.len()) && tx.try_send(item).is_err() {
                 debug_assert!(false, "a new socket's queue is empty");
             }
         }
     };
+    let early = |err: ProtocolError| early_with(err, 1000);
     let version = protocol_version(&req.path).unwrap_or(0);
     if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION_MAX).contains(&version) {
         return early(ProtocolError::new(
@@ -318,9 +332,37 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
             ))
         }
     };
+    // Credentials before `connected`, and before any socket of the same client is touched.
+    let auth = match super::auth::resolve(
+        shard.legacy.verifier.as_ref(),
+        params.user_id.as_deref(),
+        sec.auth_token.as_deref(),
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(e) => return early_with(e, CLOSE_CODE_REFUSED),
+    };
+    if let Some(g) = shard.existing_group(&params.client_group_id) {
+        if g.pinned_user
+            .borrow()
+            .as_ref()
+            .is_some_and(|pinned| *pinned != params.user_id)
+        {
+            return early_with(
+                ProtocolError::new(
+                    ErrorKind::Unauthorized,
+                    "Client groups are pinned to a single userID. Connection userID does not match existing client group userID.",
+                ),
+                CLOSE_CODE_REFUSED,
+            );
+        }
+    }
     let conn = Rc::new(Conn {
         client_id: params.client_id.clone(),
         wsid: params.wsid.clone(),
+        user_id: params.user_id.clone(),
+        auth: std::cell::RefCell::new(auth.clone()),
         cookie: Cell::new(base),
         poked: Cell::new(false),
         out: std::cell::RefCell::new(Some(tx)),
@@ -332,8 +374,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
         Ok(g) => g,
         Err(e) => return conn.fail(&e),
     };
-    if sec.auth_token.is_some() {
-        *group.token.borrow_mut() = sec.auth_token.clone();
+    if let Some(a) = &auth {
+        group.take_auth(a);
     }
     let limits = WsLimits {
         frame_bytes_max: shard.cfg.websocket_max_payload_bytes,
@@ -440,8 +482,8 @@ async fn handle_message(
                 .change_desired_queries(shard, &conn.client_id, &c.desired_queries_patch)
                 .await
         }
-        Upstream::Push(header, body) => super::push::push(shard, group, header, body),
-        Upstream::UpdateAuth(token) => group.update_auth(shard, token).await,
+        Upstream::Push(header, body) => super::push::push(shard, group, conn, header, body).await,
+        Upstream::UpdateAuth(token) => group.update_auth(shard, conn, token).await,
         Upstream::AckMutationResponses(ack) => {
             super::push::cleanup_results(shard, group, &ack.client_id, ack.id);
             Ok(())

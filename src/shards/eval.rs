@@ -33,6 +33,9 @@ pub struct GroupQueries {
     /// Named queries to transform again although they have an AST (a new connection or a
     /// new auth token: the app server may now answer differently).
     stale: std::collections::HashSet<String>,
+    /// Legacy AST queries: their executable AST is the client's with the read permissions
+    /// bound to the group's auth, so a new token or new permissions transform them again.
+    legacy: std::collections::HashSet<String>,
 }
 
 /// Every table an AST reads: its own, its related subqueries' and its EXISTS subqueries'.
@@ -58,8 +61,13 @@ fn condition_tables(c: &Condition, out: &mut BTreeSet<String>) {
 
 impl GroupQueries {
     /// Desired queries that have no executable AST yet: named ones to send to the app
-    /// server. Legacy AST queries are parsed on the spot.
-    pub fn needing_transform(&mut self, cvr: &Cvr) -> Vec<QueryRequest> {
+    /// server. Legacy AST queries are parsed and given the read permissions on the spot
+    /// (`authorize`); one whose result is unchanged keeps its maintained state.
+    pub fn needing_transform(
+        &mut self,
+        cvr: &Cvr,
+        authorize: &dyn Fn(&Ast) -> Ast,
+    ) -> Vec<QueryRequest> {
         let mut out = Vec::new();
         for (hash, q) in &cvr.queries {
             // Got queries without an AST were loaded from the CVR database: transformed again.
@@ -77,7 +85,14 @@ impl GroupQueries {
                     });
                 }
                 QuerySpec::Ast(json) => {
+                    self.stale.remove(hash);
+                    self.legacy.insert(hash.clone());
                     if let Ok(ast) = parse_ast(json) {
+                        let ast = authorize(&ast);
+                        if self.asts.get(hash).is_some_and(|old| **old == ast) {
+                            continue;
+                        }
+                        self.live.remove(hash);
                         self.insert(hash, ast);
                     }
                 }
@@ -98,6 +113,16 @@ impl GroupQueries {
     /// mode: on each new connection and each auth change).
     pub fn mark_named_stale(&mut self) {
         self.stale.extend(self.names.keys().cloned());
+    }
+
+    /// Every legacy query gets the read permissions again at the next hydration (new
+    /// permissions, or a new token to bind them to).
+    pub fn mark_legacy_stale(&mut self) {
+        self.stale.extend(self.legacy.iter().cloned());
+    }
+
+    pub fn has_legacy(&self) -> bool {
+        !self.legacy.is_empty()
     }
 
     /// Takes the app server's answers. A query whose AST is unchanged keeps its maintained
@@ -155,6 +180,7 @@ impl GroupQueries {
 
     pub fn forget(&mut self, hash: &str) {
         self.stale.remove(hash);
+        self.legacy.remove(hash);
         self.live.remove(hash);
         self.asts.remove(hash);
         self.tables.remove(hash);

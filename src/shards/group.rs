@@ -24,6 +24,11 @@ pub struct Group {
     pub conns: RefCell<BTreeMap<String, Rc<Conn>>>,
     /// The newest auth token a client of the group presented; forwarded to the app server.
     pub token: RefCell<Option<String>>,
+    /// That token's payload when it is a verified JWT: legacy permissions bind to it.
+    pub auth_data: RefCell<Option<serde_json::Value>>,
+    /// The userID the group's first initialized connection had (None inside: anonymous);
+    /// a connection for another user is refused (zero-cache pins it in memory too).
+    pub pinned_user: RefCell<Option<Option<String>>>,
     /// Pushes waiting for the app server, in order (created on the first push).
     pub pusher: RefCell<Option<super::push::Pusher>>,
     lock: glommio::sync::Semaphore,
@@ -76,6 +81,8 @@ impl Group {
             queries: RefCell::new(GroupQueries::default()),
             conns: RefCell::new(BTreeMap::new()),
             token: RefCell::new(None),
+            auth_data: RefCell::new(None),
+            pinned_user: RefCell::new(None),
             pusher: RefCell::new(None),
             lock: glommio::sync::Semaphore::new(1),
             pending: RefCell::new(Pending::default()),
@@ -226,9 +233,13 @@ impl Group {
         init: InitConnection,
     ) -> GroupResult<()> {
         self.check_client_schema(shard, init.client_schema.as_ref())?;
+        self.pinned_user
+            .borrow_mut()
+            .get_or_insert_with(|| conn.user_id.clone());
         // zero-cache transforms every named query again on each new connection (its token
-        // may differ from the one they were transformed with).
+        // may differ from the one they were transformed with), and binds legacy ones anew.
         self.queries.borrow_mut().mark_named_stale();
+        self.queries.borrow_mut().mark_legacy_stale();
         let deleted = init
             .deleted
             .as_ref()
@@ -281,19 +292,54 @@ impl Group {
         Ok(())
     }
 
-    /// `updateAuth`: a new token. When it differs, every named query is transformed again
-    /// with it (zero-cache re-transforms on an auth change): queries whose AST changed are
-    /// hydrated again, refused ones removed, and the client poked with the difference.
-    pub async fn update_auth(self: &Rc<Self>, shard: &Rc<Shard>, token: String) -> GroupResult<()> {
-        if self.token.borrow().as_deref() == Some(token.as_str()) {
+    /// The group takes a connection's credentials as its newest.
+    pub fn take_auth(&self, auth: &super::auth::Auth) {
+        *self.token.borrow_mut() = Some(auth.raw().to_string());
+        *self.auth_data.borrow_mut() = auth.auth_data();
+    }
+
+    /// `updateAuth`: a new token. When the connection takes it, every named query is
+    /// transformed again with it and every legacy one bound to it (zero-cache re-transforms
+    /// on an auth change): queries whose AST changed are hydrated again, refused ones
+    /// removed, and the client poked with the difference.
+    pub async fn update_auth(
+        self: &Rc<Self>,
+        shard: &Rc<Shard>,
+        conn: &Conn,
+        token: String,
+    ) -> GroupResult<()> {
+        let held = conn.auth.borrow().clone();
+        let verifier = shard.legacy.verifier.as_ref();
+        let Some(auth) =
+            super::auth::update(verifier, held.as_ref(), conn.user_id.as_deref(), &token).await?
+        else {
             return Ok(());
-        }
-        *self.token.borrow_mut() = Some(token);
+        };
+        self.take_auth(&auth);
+        *conn.auth.borrow_mut() = Some(auth);
         let _permit = self.locked().await?;
         self.queries.borrow_mut().mark_named_stale();
+        self.queries.borrow_mut().mark_legacy_stale();
         self.hydrate(shard).await?;
         self.poke_all();
         Ok(())
+    }
+
+    /// Transforms and hydrates again what is marked stale, and pokes the difference (new
+    /// permissions).
+    pub async fn rehydrate(self: &Rc<Self>, shard: &Rc<Shard>) -> GroupResult<()> {
+        let _permit = self.locked().await?;
+        self.hydrate(shard).await?;
+        self.poke_all();
+        Ok(())
+    }
+
+    /// Ends every socket of the group with `e`.
+    pub fn fail_all(&self, e: &ProtocolError) {
+        let conns: Vec<_> = self.conns.borrow().values().cloned().collect();
+        for c in conns {
+            c.fail(e);
+        }
     }
 
     pub async fn change_desired_queries(
@@ -433,10 +479,7 @@ impl Group {
             group.eviction.borrow_mut().take();
             if let Err(e) = group.evict_expired(&shard).await {
                 tracing::warn!(group = %group.id, error = %e, "query eviction failed");
-                let conns: Vec<_> = group.conns.borrow().values().cloned().collect();
-                for c in conns {
-                    c.fail(&e);
-                }
+                group.fail_all(&e);
             }
         })
         .detach();
@@ -470,10 +513,12 @@ impl Group {
     /// Transforms and evaluates queries that are desired but not got, drops queries whose
     /// TTL ran out, at one data version (the second poke).
     async fn hydrate(&self, shard: &Shard) -> GroupResult<()> {
+        let auth_data = self.auth_data.borrow().clone();
+        let authorize = |ast: &crate::zql::ast::Ast| shard.authorize_read(ast, auth_data.as_ref());
         let to_transform = self
             .queries
             .borrow_mut()
-            .needing_transform(&self.cvr.borrow());
+            .needing_transform(&self.cvr.borrow(), &authorize);
         let mut transform_failed = Vec::new();
         if !to_transform.is_empty() {
             let token = self.token.borrow().clone();

@@ -1,13 +1,16 @@
 //! A syncer shard: owns the client groups whose clientGroupID hashes to it, a read
 //! connection on the replica, and the sockets of its groups' clients.
 
+pub mod auth;
 pub mod client_schema;
 pub mod conn;
+pub mod crud;
 pub mod eval;
 pub mod flush;
 pub mod group;
 pub mod memo;
 pub mod pending;
+pub mod perms;
 pub mod push;
 pub mod routes;
 
@@ -104,6 +107,20 @@ pub struct Shard {
     /// Groups whose advance came before the versions it saw were announced: they advance
     /// at the next version, whatever it changed. At most one entry per group held.
     advance_waiting: RefCell<HashSet<String>>,
+    /// JWT verification, CRUD mutations and their rate limit (legacy-features.md).
+    pub legacy: Legacy,
+    /// The row-level permissions last read from the replica.
+    pub perms: RefCell<perms::PermCache>,
+}
+
+/// What the legacy API needs on each shard: the JWT verifier and the rate limit are shared
+/// by every shard; the CRUD connection pool is the shard's own.
+#[derive(Default)]
+pub struct Legacy {
+    pub verifier: Option<std::sync::Arc<crate::auth::Verifier>>,
+    pub limits: Option<std::sync::Arc<crate::mutagen::UserLimits>>,
+    /// None when CRUD mutations are disabled.
+    pub mutagen: Option<crate::mutagen::Mutagen>,
 }
 
 /// FNV-1a: stable across processes and versions, so a group always lands on the same shard.
@@ -124,6 +141,7 @@ impl Shard {
         cfg: Rc<Config>,
         reader: ReplicaReader,
         index_requests: std::sync::Arc<crate::sqlite::IndexRequests>,
+        legacy: Legacy,
     ) -> Self {
         Shard {
             id,
@@ -141,6 +159,8 @@ impl Shard {
             advance_queue: std::cell::OnceCell::new(),
             specs_at: std::cell::Cell::new(None),
             advance_waiting: RefCell::new(HashSet::new()),
+            legacy,
+            perms: RefCell::new(perms::PermCache::default()),
         }
     }
 
@@ -253,6 +273,9 @@ impl Shard {
     pub fn on_version(self: &Rc<Self>, v: VersionReady) {
         let rows_usable = self.refresh_specs(&v);
         self.hydrations.clear();
+        if self.permissions_changed(&v) {
+            self.reauthorize_legacy_queries();
+        }
         self.last_version
             .set(self.last_version.get().max(v.watermark));
         let concerned: Vec<Rc<Group>> = {
@@ -281,10 +304,7 @@ impl Shard {
             let task = async move {
                 if let Err(e) = g.advance(&shard).await {
                     tracing::warn!(group = %g.id, error = %e, "advance failed");
-                    let conns: Vec<_> = g.conns.borrow().values().cloned().collect();
-                    for c in conns {
-                        c.fail(&e);
-                    }
+                    g.fail_all(&e);
                 }
             };
             match glommio::spawn_local_into(task, self.advance_queue()) {

@@ -3,6 +3,7 @@
 //! not answered on the socket: the client learns of it from the replicated `clients` row.
 
 use super::conn::now_ms;
+use super::conn::Conn;
 use super::group::Group;
 use super::Shard;
 use crate::appserver::AppServerError;
@@ -46,29 +47,30 @@ fn pusher(shard: &Rc<Shard>, group: &Rc<Group>) -> Pusher {
     tx
 }
 
-pub fn push(
+/// A client's `push`: routed by its first mutation's type, as zero-cache does, to zcache's
+/// own CRUD mutagen or to the app server.
+pub async fn push(
     shard: &Rc<Shard>,
     group: &Rc<Group>,
+    conn: &Conn,
     header: PushHeader,
     body: String,
 ) -> Result<(), ProtocolError> {
     if header.client_group_id != group.id {
+        // zero-cache's message, its missing closing quote included.
         return Err(ProtocolError::new(
             ErrorKind::InvalidPush,
             format!(
-                "push for client group {} on a connection of {}",
+                "clientGroupID in mutation \"{}\" does not match clientGroupID of connection \"{}",
                 header.client_group_id, group.id
             ),
         ));
     }
-    if header.mutations.is_empty() {
+    let Some(first) = header.mutations.first() else {
         return Ok(());
-    }
-    if header.mutations.iter().any(|m| m.kind == "crud") {
-        return Err(ProtocolError::new(
-            ErrorKind::InvalidPush,
-            "CRUD mutations are not supported by zcache yet: use custom mutators (ZERO_MUTATE_URL)",
-        ));
+    };
+    if first.kind == "crud" {
+        return super::crud::push(shard, group, conn, &body).await;
     }
     if !shard.app.has_mutate_url() {
         return Err(ProtocolError::new(
