@@ -396,24 +396,118 @@ for (const [name, makeToken, message] of badTokens) {
   });
 }
 
-test('token without a userID (raw connect): Unauthorized, close 3000', {timeout: testMs}, async () => {
-  // the client refuses auth without a userID itself, so this is a raw connect with the client's URL
-  // and Sec-WebSocket-Protocol encoding (spec §1.3)
+/**
+ * A raw connect (no Zero client) with the client's URL and Sec-WebSocket-Protocol encoding (spec
+ * §1.3); resolves with the frames received and how the socket closed.
+ */
+async function rawConnect(server, {clientID, clientGroupID, userID, auth}) {
   const {WebSocket} = await import('ws');
-  const cg = `cg-raw-${Date.now()}`;
-  const url = `${serverA.url.replace('http', 'ws')}/sync/v51/connect?clientID=raw1&clientGroupID=${cg}&baseCookie=&ts=${Date.now()}&lmid=0&wsid=w1`;
+  const params = new URLSearchParams({clientID, clientGroupID, baseCookie: '', ts: String(Date.now()), lmid: '0', wsid: `w-${clientID}`});
+  if (userID) params.set('userID', userID);
   const proto = encodeURIComponent(Buffer.from(JSON.stringify({
-    initConnectionMessage: ['initConnection', {desiredQueriesPatch: []}], authToken: tokenFor('u1'),
+    initConnectionMessage: ['initConnection', {desiredQueriesPatch: []}], ...(auth ? {authToken: auth} : {}),
   })).toString('base64'));
-  const ws = new WebSocket(url, proto);
+  const ws = new WebSocket(`${server.url.replace('http', 'ws')}/sync/v51/connect?${params}`, proto);
   const frames = [];
   ws.on('message', d => frames.push(JSON.parse(String(d))));
+  ws.on('error', () => {});
   const closed = await withTimeout(new Promise(r => ws.on('close', (code, reason) => r({code, reason: String(reason)}))),
-    stateMs, 'close of a token-without-userID connection', () => `frames ${JSON.stringify(frames)}\n${diag()}`);
+    stateMs, `close of the raw connection ${clientID}`, () => `frames ${JSON.stringify(frames)}\n${diag()}`);
+  return {frames, closed};
+}
+
+test('token without a userID (raw connect): Unauthorized, close 3000', {timeout: testMs}, async () => {
+  // the client itself refuses auth without a userID, hence a raw connect
+  const {frames, closed} = await rawConnect(serverA, {clientID: 'raw-nouser', clientGroupID: `cg-raw-${Date.now()}`, auth: tokenFor('u1')});
   log(`token without userID: frames ${JSON.stringify(frames)}, close ${JSON.stringify(closed)}`);
   const message = 'Authenticated connections require a userID.';
   assert.deepStrictEqual(frames, [['error', {kind: 'Unauthorized', message, origin: 'zeroCache'}]]);
   assert.deepStrictEqual(closed, {code: 3000, reason: message});
+});
+
+test("another user, or anonymous, joining client A's group (pinned to u1): Unauthorized, close 3000", {timeout: testMs}, async () => {
+  needA();
+  const clientGroupID = await zA.clientGroupID;
+  const message = 'Client groups are pinned to a single userID. Connection userID does not match existing client group userID.';
+  for (const [who, opts] of [['u2 with a valid token', {userID: 'u2', auth: tokenFor('u2')}], ['anonymous', {}]]) {
+    const {frames, closed} = await rawConnect(serverA, {clientID: `raw-pin-${who.slice(0, 2)}`, clientGroupID, ...opts});
+    log(`${who} joining a u1 group: frames ${JSON.stringify(frames)}, close ${JSON.stringify(closed)}`);
+    assert.deepStrictEqual(frames, [['error', {kind: 'Unauthorized', message, origin: 'zeroCache'}]], `${who}: the error frame`);
+    assert.deepStrictEqual(closed, {code: 3000, reason: message}, `${who}: the close`);
+  }
+  // client A is untouched
+  await sleep(300);
+  assert.equal(lastSocket(zA).closed, null, 'client A socket still open');
+  assert.deepStrictEqual(errorsOf(zA), [], 'no error frame for client A');
+});
+
+test('updateAuth: a newer valid token is taken silently; an expired one gets AuthInvalidated and a close with no status (1005)', {timeout: testMs}, async () => {
+  const z = newClient(serverA, {userID: 'u1', auth: tokenFor('u1')});
+  const v = materialize(openIssuesQuery(z), 'updateAuth client');
+  await viewEqualsSql(v, () => sqlOpenIssues('u1'), 'updateAuth client hydrated', hydrateMs);
+  const sock = lastSocket(z);
+  const updates = () => sock.frames.length;
+
+  // connect() while connected sends ["updateAuth", {auth}]; a valid token (newer iat) is accepted
+  await sleep(1100); // a strictly newer iat (seconds)
+  const framesBefore = updates();
+  await z.connection.connect({auth: tokenFor('u1')});
+  await sleep(1000);
+  assert.equal(sock.closed, null, 'still open after a valid updateAuth');
+  assert.deepStrictEqual(sock.errors, [], 'no error frame after a valid updateAuth');
+  assert.equal(z.connection.state.current.name, 'connected');
+  log(`valid updateAuth: ${updates() - framesBefore} frames after it`);
+
+  // an expired token: fatal, error frame then ws.close() without a status
+  const expiredMsg = 'Failed to decode auth token: JWTExpired: "exp" claim timestamp check failed';
+  await z.connection.connect({auth: signHS256({sub: 'u1', exp: now() - 60}, SECRET)});
+  const state = await waitForState(z, 'needs-auth', 'after updateAuth with an expired token');
+  await waitUntil(() => sock.closed, 'the server closes the socket', 5_000);
+  log(`expired updateAuth: errors ${JSON.stringify(sock.errors)}, close ${JSON.stringify(sock.closed)}, state ${JSON.stringify(state)}`);
+  assert.deepStrictEqual(sock.errors, [{kind: 'AuthInvalidated', message: expiredMsg, origin: 'zeroCache'}], 'the error frame');
+  assert.equal(sock.closed.code, 1005, 'close with no status');
+  assert.deepStrictEqual(plain(state), {name: 'needs-auth', reason: {type: 'zero-cache', reason: expiredMsg}}, 'client state');
+
+  await z.connection.connect({auth: tokenFor('u1')});
+  await waitForState(z, 'connected', 'after connect() with a valid token');
+  await viewEqualsSql(v, () => sqlOpenIssues('u1'), 'after recovering from the expired updateAuth', hydrateMs);
+  await closeClient(z);
+});
+
+test('a CRUD write PostgreSQL rejects: MutationFailed, lmid bumped, reverted; the client reconnects by itself', {timeout: testMs}, async () => {
+  const z = newClient(serverA, {userID: 'u1', auth: tokenFor('u1')});
+  const id = `leg-pgerr-${Date.now()}`;
+  const v = materialize(z.query.issue.where('id', id), `issue ${id}`);
+  await v.watch.waitFor(s => s.resultType === 'complete', 'hydrated', hydrateMs);
+  const sock = lastSocket(z);
+  // the client does not check value types; PostgreSQL refuses 'abc' for an int column
+  await withTimeout(z.mutate.issue.insert({id, title: 'bad priority', priority: 'abc', owner_id: 'u1'}), changeMs, 'insert: local write');
+  assert.ok(v.history.some(d => d.length === 1 && d[0].id === id), 'the optimistic row was in the view');
+  await waitUntil(() => sock.errors.length > 0, 'an error frame', changeMs);
+  await waitConfirmed(z, 1, 'the failed mutation (lmid still bumped)');
+  await v.watch.waitFor(s => s.data.length === 0, 'the optimistic row reverted', changeMs);
+  log(`PG error: errors ${JSON.stringify(sock.errors)}, close ${JSON.stringify(sock.closed)}`);
+  assert.deepStrictEqual(sock.errors, [{kind: 'MutationFailed', message: 'PostgresError: invalid input syntax for type integer: "abc"', origin: 'zeroCache'}]);
+  // The server treats MutationFailed as transient and keeps the socket, but the 1.9.0 client closes
+  // it itself on every error frame other than MutationRateLimited (zero.js #handleErrorMessage ->
+  // #disconnect: close() with no code, i.e. 1005, state 'connecting') and reconnects at once; the
+  // spec's "no state change" holds only for the terminal states (no 'error', no 'needs-auth').
+  await waitUntil(() => socketsOf(z.clientID).length >= 2 && lastSocket(z).connected, 'the client reconnects', changeMs);
+  await waitForState(z, 'connected', 'after the reconnect');
+  assert.equal(sock.closed?.code, 1005, 'the first socket closed by the client with no status');
+  const names = z.states.map(st => st.name);
+  assert.ok(names.includes('connecting', names.indexOf('connected')), `states: ${JSON.stringify(names)}`);
+  assert.ok(!names.includes('error') && !names.includes('needs-auth'), `no terminal state: ${JSON.stringify(names)}`);
+  assert.deepStrictEqual(lastSocket(z).errors, [], 'no error frame on the new socket');
+  assert.equal(await issueRow(id), null, 'nothing in PostgreSQL');
+  assert.equal(await upstreamLmid(serverA, z), 1, 'upstream lastMutationID bumped');
+  // the next mutation on the same connection works
+  const ok = {id: `${id}-ok`, title: 'good', status: 'closed', priority: 1, created: 1, owner_id: 'u1'};
+  await withTimeout(z.mutate.issue.insert(ok), changeMs, 'second insert: local write');
+  await waitConfirmed(z, 2, 'the next mutation');
+  assert.deepStrictEqual(await issueRow(ok.id), ok, 'the next insert reached PostgreSQL');
+  await sql`delete from issue where id = ${ok.id}`;
+  await closeClient(z);
 });
 
 test('inspector: unauthenticated ops get authenticated:false, wrong password false, right one true, then version/queries/metrics', {timeout: testMs}, async () => {
