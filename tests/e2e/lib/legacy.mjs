@@ -3,8 +3,13 @@
 // `definePermissions` and deployed the way `zero-deploy-permissions` does it, and HS256 JWTs
 // signed with Node's crypto for ZERO_AUTH_SECRET.
 import crypto from 'node:crypto';
+import {execFile} from 'node:child_process';
+import path from 'node:path';
+import {fileURLToPath} from 'node:url';
 import {createSchema, definePermissions, ANYONE_CAN} from '@rocicorp/zero';
 import {tables, relationshipsOf} from './schema.mjs';
+
+const e2eDir = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 
 export const legacySchema = createSchema({
   tables: [tables.user, tables.issue, tables.comment],
@@ -60,4 +65,23 @@ export function signHS256(payload, secret) {
 export function unsignedJwt(payload) {
   const body = {iat: Math.floor(Date.now() / 1000), ...payload};
   return `${b64url({alg: 'none', typ: 'JWT'})}.${b64url(body)}.`;
+}
+
+/**
+ * Deploys the 'owner' permissions (lib/legacy-permissions.mjs) with the real
+ * `zero-deploy-permissions` CLI from node_modules, against the upstream database (it validates the
+ * rules against the app's published tables). Resolves with the CLI's output; rejects on a failure.
+ */
+export function deployOwnerPermissionsWithCli(pgUrl, appId) {
+  const cli = path.join(e2eDir, 'node_modules', '@rocicorp', 'zero', 'out', 'zero', 'src', 'deploy-permissions.js');
+  const schemaPath = path.join(e2eDir, 'lib', 'legacy-permissions.mjs');
+  const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('ZERO_')));
+  return new Promise((resolve, reject) => {
+    execFile(process.execPath, [cli, '--schema-path', schemaPath, '--upstream-db', pgUrl, '--app-id', appId],
+      {cwd: e2eDir, env, timeout: 60_000}, (err, stdout, stderr) => {
+        const out = `${stdout}${stderr}`;
+        if (err) reject(new Error(`zero-deploy-permissions failed (${err.message}):\n${out}`));
+        else resolve(out);
+      });
+  });
 }

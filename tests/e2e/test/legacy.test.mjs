@@ -15,7 +15,7 @@ import postgres from 'postgres';
 import {Zero} from '@rocicorp/zero';
 import {startPostgres, sqlOptions} from '../lib/pg.mjs';
 import {preflightServer, startServer} from '../lib/server.mjs';
-import {legacySchema, compilePermissions, deployPermissions, signHS256, unsignedJwt} from '../lib/legacy.mjs';
+import {legacySchema, compilePermissions, deployPermissions, deployOwnerPermissionsWithCli, signHS256, unsignedJwt} from '../lib/legacy.mjs';
 import {plain, watchView, withTimeout} from '../lib/view.mjs';
 import {sleep} from '../lib/proc.mjs';
 
@@ -163,10 +163,17 @@ function legacyEnv(extra = {}) {
   return {ZERO_AUTH_SECRET: SECRET, ZERO_ADMIN_PASSWORD: ADMIN_PASSWORD, ...extra};
 }
 
+let cliHash = null; // the hash of the 'owner' permissions as the real zero-deploy-permissions wrote them
+
 async function startLegacyServer(env, label) {
   const t = performance.now();
   const server = await startServer({pgUrl: pg.url, appUrl: null, env});
-  const hash = await deployPermissions(sql, server.appId, await compilePermissions('owner'));
+  // the first deployment with the real CLI, the later ones with its UPDATE statement (test 2 checks
+  // that both give the same JSON, i.e. the same hash)
+  const out = await deployOwnerPermissionsWithCli(pg.url, server.appId);
+  const [{hash}] = await sql`select hash from ${sql(server.appId)}.permissions`;
+  assert.match(out, new RegExp(`Deployed new permissions \\(hash=${hash.slice(0, 7)}\\)`), `zero-deploy-permissions output:\n${out}`);
+  cliHash ??= hash;
   log(`${label}: ${kind} ready on port ${server.port} after ${(performance.now() - t).toFixed(0)} ms ` +
     `(app id ${server.appId}, env ${JSON.stringify(env)}), 'owner' permissions deployed (hash ${hash})`);
   return server;
@@ -255,6 +262,7 @@ test('a permissions UPDATE upstream changes what a live client sees, without a r
 
   hash = await deployPermissions(sql, serverA.appId, await compilePermissions('owner'));
   log(`'owner' permissions deployed again (hash ${hash})`);
+  assert.equal(hash, cliHash, "the UPDATE statement wrote the same JSON as zero-deploy-permissions");
   const ownRows = await viewEqualsSql(vA, () => sqlOpenIssues('u1'), "after the UPDATE back to 'owner'");
   assert.ok(ownRows.every(r => r.owner_id === 'u1'), 'the rows of other owners left');
 
