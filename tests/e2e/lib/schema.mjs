@@ -27,6 +27,9 @@ const issueRel = relationships(issue, ({many, one}) => ({
 }));
 
 export const schema = createSchema({tables: [user, issue, comment], relationships: [issueRel]});
+// the same tables for lib/legacy.mjs (a schema with legacy queries and CRUD mutators)
+export const tables = {user, issue, comment};
+export const relationshipsOf = {issue: issueRel};
 export const zql = createBuilder(schema);
 
 export const queries = defineQueries({

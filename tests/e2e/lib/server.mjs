@@ -56,7 +56,17 @@ function newAppId() {
   return 'e2e_' + crypto.randomBytes(5).toString('hex');
 }
 
-function launchSpec(kind, {pgUrl, appUrl, port, appId, replicaFile}) {
+// `appUrl` null: no app server at all (legacy mode: no --query-url/--mutate-url, no
+// ZERO_QUERY_URL/ZERO_MUTATE_URL, so that a JWT key option makes the server verify tokens itself).
+// `env`: extra environment for the server (ZERO_* settings, read by zcache and zero-cache alike).
+function launchSpec(kind, {pgUrl, appUrl, port, appId, replicaFile, env = {}}) {
+  // a ZERO_* variable of the test's own environment must not turn a legacy server into a custom one
+  const baseEnv = {...process.env};
+  if (!appUrl) {
+    delete baseEnv.ZERO_QUERY_URL;
+    delete baseEnv.ZERO_MUTATE_URL;
+  }
+  const appUrls = appUrl ? {ZERO_QUERY_URL: `${appUrl}/query`, ZERO_MUTATE_URL: `${appUrl}/mutate`} : {};
   if (kind === 'zcache') {
     return {
       cmd: zcacheBinPath(),
@@ -65,11 +75,10 @@ function launchSpec(kind, {pgUrl, appUrl, port, appId, replicaFile}) {
         '--replica-file', replicaFile,
         '--port', String(port),
         '--app-id', appId,
-        '--query-url', `${appUrl}/query`,
-        '--mutate-url', `${appUrl}/mutate`,
+        ...(appUrl ? ['--query-url', `${appUrl}/query`, '--mutate-url', `${appUrl}/mutate`] : []),
         '--log-level', 'info',
       ],
-      env: process.env,
+      env: {...baseEnv, ...env},
       readyMarker: 'zcache ready',
     };
   }
@@ -77,25 +86,26 @@ function launchSpec(kind, {pgUrl, appUrl, port, appId, replicaFile}) {
     cmd: process.execPath,
     args: [zeroCacheCli],
     env: {
-      ...process.env,
+      ...baseEnv,
       ZERO_UPSTREAM_DB: pgUrl,
       ZERO_REPLICA_FILE: replicaFile,
       ZERO_PORT: String(port),
       ZERO_APP_ID: appId,
-      ZERO_QUERY_URL: `${appUrl}/query`,
-      ZERO_MUTATE_URL: `${appUrl}/mutate`,
+      ...appUrls,
       ZERO_ADMIN_PASSWORD: 'e2e',
       ZERO_LOG_LEVEL: 'info',
+      ...env,
     },
     readyMarker: 'zero-cache ready',
   };
 }
 
 /**
- * Starts the selected sync server against `pgUrl`, calling the app server at `appUrl`.
+ * Starts the selected sync server against `pgUrl`, calling the app server at `appUrl` (null: none,
+ * see launchSpec), with `env` added to its environment.
  * Returns {kind, url, port, appId, dir, logFile, proc, startMs, stop(), halt(), restart(), running}.
  */
-export async function startServer({pgUrl, appUrl}) {
+export async function startServer({pgUrl, appUrl, env = {}}) {
   const kind = preflightServer();
   const dir = makeTempDir(`zcache-e2e-${kind}-`);
   // zero-cache also binds port+1 (change-streamer)
@@ -103,7 +113,7 @@ export async function startServer({pgUrl, appUrl}) {
   const appId = newAppId();
   const replicaFile = path.join(dir, 'replica.db');
   const logFile = path.join(dir, `${kind}.log`);
-  const spec = launchSpec(kind, {pgUrl, appUrl, port, appId, replicaFile});
+  const spec = launchSpec(kind, {pgUrl, appUrl, port, appId, replicaFile, env});
 
   const handle = {
     kind, port, appId, dir, logFile,
