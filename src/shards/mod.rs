@@ -6,6 +6,7 @@ pub mod conn;
 pub mod eval;
 pub mod flush;
 pub mod group;
+pub mod inspect;
 pub mod memo;
 pub mod pending;
 pub mod push;
@@ -104,6 +105,8 @@ pub struct Shard {
     /// Groups whose advance came before the versions it saw were announced: they advance
     /// at the next version, whatever it changed. At most one entry per group held.
     advance_waiting: RefCell<HashSet<String>>,
+    /// The inspector's shard-wide timings (`inspect` message `metrics`).
+    pub inspect: inspect::ShardInspect,
 }
 
 /// FNV-1a: stable across processes and versions, so a group always lands on the same shard.
@@ -141,6 +144,7 @@ impl Shard {
             advance_queue: std::cell::OnceCell::new(),
             specs_at: std::cell::Cell::new(None),
             advance_waiting: RefCell::new(HashSet::new()),
+            inspect: inspect::ShardInspect::default(),
         }
     }
 
