@@ -94,7 +94,11 @@ pub enum Upstream {
     DeleteClients(DeleteClients),
     UpdateAuth(String),
     AckMutationResponses(AckMutationResponses),
-    /// Messages zero-cache accepts and ignores (`pull`, `closeConnection`, `inspect`).
+    /// An inspector request (`shards::inspect`): the body as sent, which has a string `id`.
+    /// Its `op` is checked when handled, so an unknown op gets an `error` answer instead of
+    /// failing the socket.
+    Inspect(Json),
+    /// Messages zero-cache accepts and ignores (`pull`, `closeConnection`).
     Ignored(&'static str),
 }
 
@@ -134,7 +138,13 @@ pub fn parse_tagged(tag: &str, value: Json) -> Result<Upstream, ProtocolError> {
         "ackMutationResponses" => Upstream::AckMutationResponses(body(tag, value)?),
         "pull" => Upstream::Ignored("pull"),
         "closeConnection" => Upstream::Ignored("closeConnection"),
-        "inspect" => Upstream::Ignored("inspect"),
+        "inspect" => {
+            // Every answer echoes the id, so a body without one cannot be answered.
+            if !value.get("id").is_some_and(Json::is_string) {
+                return Err(invalid("invalid inspect message: no string id"));
+            }
+            Upstream::Inspect(value)
+        }
         other => return Err(invalid(format!("unknown message type {other:?}"))),
     })
 }
@@ -238,6 +248,23 @@ mod tests {
             b"[1,2",
             b"{}",
             br#"["changeDesiredQueries",{}]"#,
+        ] {
+            let err = parse(&mut bad.to_vec()).expect_err("must fail");
+            assert_eq!(err.kind, ErrorKind::InvalidMessage);
+        }
+    }
+
+    #[test]
+    fn inspect_keeps_its_body_and_needs_a_string_id() {
+        let mut text = br#"["inspect",{"op":"nope","id":"x1","extra":[1]}]"#.to_vec();
+        assert_eq!(
+            parse(&mut text).expect("an unknown op still parses"),
+            Upstream::Inspect(serde_json::json!({"op":"nope","id":"x1","extra":[1]}))
+        );
+        for bad in [
+            &br#"["inspect",{"op":"version"}]"#[..],
+            br#"["inspect",{"op":"version","id":7}]"#,
+            br#"["inspect","version"]"#,
         ] {
             let err = parse(&mut bad.to_vec()).expect_err("must fail");
             assert_eq!(err.kind, ErrorKind::InvalidMessage);

@@ -131,6 +131,8 @@ pub struct Conn {
     out: std::cell::RefCell<Option<LocalSender<Outbound>>>,
     flow: Rc<Outflow>,
     closed: Cell<bool>,
+    /// What the inspector needs to know of the socket (initConnection done, protocol).
+    pub inspect: super::inspect::ConnInspect,
 }
 
 impl Conn {
@@ -368,6 +370,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
         out: std::cell::RefCell::new(Some(tx)),
         flow,
         closed: Cell::new(false),
+        inspect: super::inspect::ConnInspect::new(version),
     });
     conn.send_text(&down::connected(&params.wsid, now_ms()));
     let group = match shard.group(&params.client_group_id) {
@@ -476,7 +479,11 @@ async fn handle_message(
             conn.send_text(down::PONG);
             Ok(())
         }
-        Upstream::InitConnection(init) => group.init_connection(shard, conn, init).await,
+        Upstream::InitConnection(init) => {
+            group.init_connection(shard, conn, init).await?;
+            conn.inspect.set_initialized();
+            Ok(())
+        }
         Upstream::ChangeDesiredQueries(c) => {
             group
                 .change_desired_queries(shard, &conn.client_id, &c.desired_queries_patch)
@@ -494,6 +501,10 @@ async fn handle_message(
             // Only the message (not initConnection.deleted) clears the app server's
             // mutation results of the deleted clients.
             super::push::cleanup_results_bulk(shard, group, &deleted);
+            Ok(())
+        }
+        Upstream::Inspect(body) => {
+            super::inspect::handle(shard, group, conn, body).await;
             Ok(())
         }
         Upstream::Ignored(tag) => {

@@ -216,6 +216,11 @@ impl GroupQueries {
         out
     }
 
+    /// The AST the query runs (the app server's for a named query), for the inspector.
+    pub fn ast_of(&self, hash: &str) -> Option<&Ast> {
+        self.asts.get(hash).map(|a| &**a)
+    }
+
     pub fn name_of(&self, hash: &str) -> Option<&str> {
         self.names.get(hash).map(String::as_str)
     }

@@ -56,6 +56,8 @@ pub struct Group {
     ttl_clock_base: Cell<Option<Instant>>,
     /// The eviction timer: a task sleeping until the next inactive query expires.
     eviction: RefCell<Option<glommio::task::JoinHandle<()>>>,
+    /// The inspector's state of the group: its authentication and per-query timings.
+    pub inspect: super::inspect::GroupInspect,
 }
 
 /// One configuration change from a client (zero-cache's #handleConfigUpdate input).
@@ -94,6 +96,7 @@ impl Group {
             advance_queued: Cell::new(false),
             ttl_clock_base: Cell::new(None),
             eviction: RefCell::new(None),
+            inspect: Default::default(),
         }
     }
 
@@ -548,6 +551,7 @@ impl Group {
             }
             let pending: Vec<String> = self.queries.borrow().ungot_with_ast(cvr);
             for hash in pending {
+                let started = Instant::now();
                 match eval::evaluate_into(
                     reader,
                     shard,
@@ -556,7 +560,10 @@ impl Group {
                     &hash,
                     at,
                 ) {
-                    Ok(c) => changed |= c,
+                    Ok(c) => {
+                        changed |= c;
+                        self.inspect.hydrated(shard, cvr, &hash, started);
+                    }
                     Err(e) => failed.push((hash, e.to_string())),
                 }
             }
@@ -676,6 +683,7 @@ impl Group {
             let affected = self.queries.borrow().affected_by(cvr, &pending.tables);
             for hash in affected {
                 let mut queries = self.queries.borrow_mut();
+                let started = Instant::now();
                 let result = match &changes {
                     Some(changes) => {
                         eval::push_into(reader, shard, &mut queries, cvr, &hash, changes, at)
@@ -683,7 +691,10 @@ impl Group {
                     None => eval::evaluate_into(reader, shard, &mut queries, cvr, &hash, at),
                 };
                 match result {
-                    Ok(c) => changed |= c,
+                    Ok(c) => {
+                        changed |= c;
+                        self.inspect.updated(shard, cvr, &hash, started);
+                    }
                     // The client's view would silently go stale: end the sockets instead.
                     Err(e) => {
                         return Err(ProtocolError::new(

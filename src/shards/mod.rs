@@ -8,6 +8,7 @@ pub mod crud;
 pub mod eval;
 pub mod flush;
 pub mod group;
+pub mod inspect;
 pub mod memo;
 pub mod pending;
 pub mod perms;
@@ -111,6 +112,8 @@ pub struct Shard {
     pub legacy: Legacy,
     /// The row-level permissions last read from the replica.
     pub perms: RefCell<perms::PermCache>,
+    /// The inspector's shard-wide timings (`inspect` message `metrics`).
+    pub inspect: inspect::ShardInspect,
 }
 
 /// What the legacy API needs on each shard: the JWT verifier and the rate limit are shared
@@ -161,6 +164,7 @@ impl Shard {
             advance_waiting: RefCell::new(HashSet::new()),
             legacy,
             perms: RefCell::new(perms::PermCache::default()),
+            inspect: inspect::ShardInspect::default(),
         }
     }
 
