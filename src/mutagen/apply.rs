@@ -363,7 +363,7 @@ mod tests {
             returned_lmid(&[set.clone(), result(vec![vec![Some("7")]])]),
             Ok(7)
         );
-        assert!(returned_lmid(&[set.clone()]).is_err());
+        assert!(returned_lmid(std::slice::from_ref(&set)).is_err());
         assert!(returned_lmid(&[result(vec![vec![None]])]).is_err());
         assert!(returned_lmid(&[result(vec![vec![Some("x")]])]).is_err());
         assert!(returned_lmid(&[]).is_err());
