@@ -125,7 +125,9 @@ pub fn authorize_write(
     };
     let pre = can_pre_mutation(src, perms, &normalized, &params);
     let post = can_post_mutation(src, perms, &normalized, &params);
-    Ok(pre? && post?)
+    // Both `?` before the `&&`: a denial by one phase must not hide the other's error.
+    let (pre, post) = (pre?, post?);
+    Ok(pre && post)
 }
 
 fn can_pre_mutation(
