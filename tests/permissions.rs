@@ -233,11 +233,14 @@ fn tree(leaf: BoxedStrategy<Cond>) -> BoxedStrategy<Cond> {
 
 /// Conditions of t's select rules: comparisons with literals and authData, EXISTS on u.
 fn t_rule() -> BoxedStrategy<Cond> {
-    let exists = (prop::sample::select(CMP_OPS), prop_oneof![
-        prop::option::weighted(0.9, 0i64..3).prop_map(Rhs::Int),
-        Just(Rhs::Sub),
-        Just(Rhs::Level),
-    ])
+    let exists = (
+        prop::sample::select(CMP_OPS),
+        prop_oneof![
+            prop::option::weighted(0.9, 0i64..3).prop_map(Rhs::Int),
+            Just(Rhs::Sub),
+            Just(Rhs::Level),
+        ],
+    )
         .prop_map(|(op, rhs)| Cond::Exists { op, rhs });
     tree(prop_oneof![3 => cmp(&["a", "c", "id"], Some("b"), true), 1 => exists].boxed())
 }
@@ -266,10 +269,7 @@ struct Query {
 fn query() -> impl Strategy<Value = Query> {
     (
         prop::option::weighted(0.6, tree(cmp(&["a", "c", "id"], Some("b"), false))),
-        prop::option::weighted(
-            0.3,
-            (prop::sample::select(&["=", "<", ">="][..]), 0i64..3),
-        ),
+        prop::option::weighted(0.3, (prop::sample::select(&["=", "<", ">="][..]), 0i64..3)),
         prop::option::of((prop::sample::select(&["a", "b", "c"][..]), any::<bool>())),
         prop::option::weighted(0.5, 0u64..6),
         any::<bool>(),
@@ -635,10 +635,7 @@ fn issue_spec() -> TableSpec {
 fn comment_spec() -> TableSpec {
     spec(
         "comment",
-        &[
-            ("id", ColumnKind::String),
-            ("issue_id", ColumnKind::String),
-        ],
+        &[("id", ColumnKind::String), ("issue_id", ColumnKind::String)],
         vec![0],
     )
 }
@@ -711,57 +708,122 @@ fn write_allow_and_deny() {
     };
 
     // Allowed insert: the post-mutation row (only in the overlay) is the user's.
-    assert!(check(json!([op("insert", "issue", json!({"id":"i9","owner_id":"u1"}))]), Some(&u1)));
+    assert!(check(
+        json!([op("insert", "issue", json!({"id":"i9","owner_id":"u1"}))]),
+        Some(&u1)
+    ));
     // Denied insert: someone else's row; a table with no insert rule; nothing deployed.
-    assert!(!check(json!([op("insert", "issue", json!({"id":"i9","owner_id":"u2"}))]), Some(&u1)));
-    assert!(!check(json!([op("insert", "comment", json!({"id":"c9","issue_id":"i1"}))]), Some(&u1)));
-    assert!(
-        !authorize_write(&r, None, &ops(json!([op("insert", "issue", json!({"id":"i9","owner_id":"u1"}))])), Some(&u1))
-            .expect("no error")
-    );
+    assert!(!check(
+        json!([op("insert", "issue", json!({"id":"i9","owner_id":"u2"}))]),
+        Some(&u1)
+    ));
+    assert!(!check(
+        json!([op("insert", "comment", json!({"id":"c9","issue_id":"i1"}))]),
+        Some(&u1)
+    ));
+    assert!(!authorize_write(
+        &r,
+        None,
+        &ops(json!([op(
+            "insert",
+            "issue",
+            json!({"id":"i9","owner_id":"u1"})
+        )])),
+        Some(&u1)
+    )
+    .expect("no error"));
 
     // Update: preMutation owner mismatch is denied; the owner may update.
-    assert!(!check(json!([op("update", "issue", json!({"id":"i2","level":5}))]), Some(&u1)));
-    assert!(check(json!([op("update", "issue", json!({"id":"i1","level":5}))]), Some(&u1)));
+    assert!(!check(
+        json!([op("update", "issue", json!({"id":"i2","level":5}))]),
+        Some(&u1)
+    ));
+    assert!(check(
+        json!([op("update", "issue", json!({"id":"i1","level":5}))]),
+        Some(&u1)
+    ));
     // postMutation sees the merged row: giving the issue away is denied.
-    assert!(!check(json!([op("update", "issue", json!({"id":"i1","owner_id":"u2"}))]), Some(&u1)));
+    assert!(!check(
+        json!([op("update", "issue", json!({"id":"i1","owner_id":"u2"}))]),
+        Some(&u1)
+    ));
     // Anonymous update guarded by authData.sub: denied.
-    assert!(!check(json!([op("update", "issue", json!({"id":"i1","level":5}))]), None));
+    assert!(!check(
+        json!([op("update", "issue", json!({"id":"i1","level":5}))]),
+        None
+    ));
 
     // Cell policies apply only to the columns an update sets: i1 has level 1 < 2.
-    assert!(!check(json!([op("update", "issue", json!({"id":"i1","title":"x"}))]), Some(&u1)));
+    assert!(!check(
+        json!([op("update", "issue", json!({"id":"i1","title":"x"}))]),
+        Some(&u1)
+    ));
     // ... evaluated on the pre-mutation row, so raising level in the same op does not help.
-    assert!(!check(json!([op("update", "issue", json!({"id":"i1","title":"x","level":3}))]), Some(&u1)));
+    assert!(!check(
+        json!([op(
+            "update",
+            "issue",
+            json!({"id":"i1","title":"x","level":3})
+        )]),
+        Some(&u1)
+    ));
     // ... and a later op sees the earlier ones only in the post phase.
     let u2 = json!({"sub":"u2"});
-    assert!(check(json!([op("update", "issue", json!({"id":"i2","title":"x"}))]), Some(&u2)));
+    assert!(check(
+        json!([op("update", "issue", json!({"id":"i2","title":"x"}))]),
+        Some(&u2)
+    ));
 
     // Delete: the owner's rule; a table with no delete rule is denied.
-    assert!(check(json!([op("delete", "issue", json!({"id":"i1"}))]), Some(&u1)));
-    assert!(!check(json!([op("delete", "issue", json!({"id":"i2"}))]), Some(&u1)));
-    assert!(!check(json!([op("delete", "comment", json!({"id":"c1"}))]), Some(&u1)));
+    assert!(check(
+        json!([op("delete", "issue", json!({"id":"i1"}))]),
+        Some(&u1)
+    ));
+    assert!(!check(
+        json!([op("delete", "issue", json!({"id":"i2"}))]),
+        Some(&u1)
+    ));
+    assert!(!check(
+        json!([op("delete", "comment", json!({"id":"c1"}))]),
+        Some(&u1)
+    ));
 
     // Upsert: an update when the row exists (i2 is not u1's: denied), an insert when not.
-    assert!(!check(json!([op("upsert", "issue", json!({"id":"i2","owner_id":"u1"}))]), Some(&u1)));
-    assert!(!check(json!([op("upsert", "issue", json!({"id":"i1","title":"t"}))]), Some(&u2)));
-    assert!(check(json!([op("upsert", "issue", json!({"id":"i7","owner_id":"u1"}))]), Some(&u1)));
+    assert!(!check(
+        json!([op("upsert", "issue", json!({"id":"i2","owner_id":"u1"}))]),
+        Some(&u1)
+    ));
+    assert!(!check(
+        json!([op("upsert", "issue", json!({"id":"i1","title":"t"}))]),
+        Some(&u2)
+    ));
+    assert!(check(
+        json!([op("upsert", "issue", json!({"id":"i7","owner_id":"u1"}))]),
+        Some(&u1)
+    ));
 
     // One mutation, several ops: insert then update of the new row passes (the update's
     // pre check runs on the replica, where i9 is missing: denied).
     assert!(!check(
-        json!([op("insert", "issue", json!({"id":"i9","owner_id":"u1"})),
-               op("update", "issue", json!({"id":"i9","level":3}))]),
+        json!([
+            op("insert", "issue", json!({"id":"i9","owner_id":"u1"})),
+            op("update", "issue", json!({"id":"i9","level":3}))
+        ]),
         Some(&u1)
     ));
     // Every op must pass.
     assert!(!check(
-        json!([op("insert", "issue", json!({"id":"i9","owner_id":"u1"})),
-               op("insert", "issue", json!({"id":"i8","owner_id":"u2"}))]),
+        json!([
+            op("insert", "issue", json!({"id":"i9","owner_id":"u1"})),
+            op("insert", "issue", json!({"id":"i8","owner_id":"u2"}))
+        ]),
         Some(&u1)
     ));
     assert!(check(
-        json!([op("insert", "issue", json!({"id":"i9","owner_id":"u1"})),
-               op("delete", "issue", json!({"id":"i1"}))]),
+        json!([
+            op("insert", "issue", json!({"id":"i9","owner_id":"u1"})),
+            op("delete", "issue", json!({"id":"i1"}))
+        ]),
         Some(&u1)
     ));
 }
@@ -771,11 +833,16 @@ fn upsert_normalization_picks_the_policy() {
     let dir = tempfile::tempdir().expect("tempdir");
     let r = write_replica(&dir.path().join("replica.db"));
     // Anyone may insert; nobody may update.
-    let insert_only = parse(
-        &json!({"tables":{"issue":{"row":{"insert":[anyone()],"update":{}}}}}).to_string(),
-    )
-    .expect("parses");
-    let upsert = |id: &str| ops(json!([op("upsert", "issue", json!({"id":id,"owner_id":"u1"}))]));
+    let insert_only =
+        parse(&json!({"tables":{"issue":{"row":{"insert":[anyone()],"update":{}}}}}).to_string())
+            .expect("parses");
+    let upsert = |id: &str| {
+        ops(json!([op(
+            "upsert",
+            "issue",
+            json!({"id":id,"owner_id":"u1"})
+        )]))
+    };
     assert!(authorize_write(&r, Some(&insert_only), &upsert("new"), None).expect("ok"));
     assert!(!authorize_write(&r, Some(&insert_only), &upsert("i1"), None).expect("ok"));
     // Anyone may update; nobody may insert.
@@ -805,15 +872,26 @@ fn write_errors_carry_zero_cache_messages() {
     );
     // The table check comes first, even after an op that would fail otherwise.
     assert_eq!(
-        err(json!([op("update", "issue", json!({"id":"missing"})), op("insert", "nope", json!({}))])),
+        err(json!([
+            op("update", "issue", json!({"id":"missing"})),
+            op("insert", "nope", json!({}))
+        ])),
         "Table 'nope' is not a valid table."
     );
     assert_eq!(
-        err(json!([op("insert", "issue", json!({"id":"i1","owner_id":"u1"}))])),
+        err(json!([op(
+            "insert",
+            "issue",
+            json!({"id":"i1","owner_id":"u1"})
+        )])),
         r#"Row already exists [0,{"id":"i1","owner_id":"u1"},null]"#
     );
     assert_eq!(
-        err(json!([op("update", "issue", json!({"id":"missing","title":"x"}))])),
+        err(json!([op(
+            "update",
+            "issue",
+            json!({"id":"missing","title":"x"})
+        )])),
         r#"Pre-mutation row not found for {"id":"missing","title":"x"}"#
     );
     assert_eq!(
@@ -822,7 +900,10 @@ fn write_errors_carry_zero_cache_messages() {
     );
     // Deleting twice in one mutation: the second finds no row.
     assert_eq!(
-        err(json!([op("delete", "issue", json!({"id":"i1"})), op("delete", "issue", json!({"id":"i1"}))])),
+        err(json!([
+            op("delete", "issue", json!({"id":"i1"})),
+            op("delete", "issue", json!({"id":"i1"}))
+        ])),
         r#"Pre-mutation row not found for {"id":"i1"}"#
     );
     // An error wins over a denial (no rules at all for comment updates).
@@ -838,18 +919,33 @@ fn write_errors_carry_zero_cache_messages() {
         );
     }
     // The primary key is the replica's, not the client's `primaryKey`.
-    let client_key = ops(json!([{"op":"update","tableName":"issue","primaryKey":["title"],
-        "value":{"title":"one"}}]));
+    let client_key = ops(
+        json!([{"op":"update","tableName":"issue","primaryKey":["title"],
+        "value":{"title":"one"}}]),
+    );
     assert_eq!(
-        authorize_write(&r, Some(&p), &client_key, Some(&u1)).expect_err("fails").to_string(),
+        authorize_write(&r, Some(&p), &client_key, Some(&u1))
+            .expect_err("fails")
+            .to_string(),
         "Primary key column 'id' is missing from operation value for table issue"
     );
     assert!(matches!(
-        authorize_write(&r, Some(&p), &ops(json!([op("update", "issue", json!({"id":null}))])), Some(&u1)),
+        authorize_write(
+            &r,
+            Some(&p),
+            &ops(json!([op("update", "issue", json!({"id":null}))])),
+            Some(&u1)
+        ),
         Err(WriteError::InvalidPrimaryKeyValue { .. })
     ));
     let many: Vec<CrudOp> = (0..=MUTATION_OPS_MAX)
-        .flat_map(|i| ops(json!([op("insert", "issue", json!({"id":format!("n{i}"),"owner_id":"u1"}))])))
+        .flat_map(|i| {
+            ops(json!([op(
+                "insert",
+                "issue",
+                json!({"id":format!("n{i}"),"owner_id":"u1"})
+            )]))
+        })
         .collect();
     assert!(matches!(
         authorize_write(&r, Some(&p), &many, Some(&u1)),
@@ -885,7 +981,11 @@ fn load_reads_the_replicated_row() {
     assert_eq!(load(&r, "zero").expect("ok"), None);
 
     let text = json!({"tables":{"issue":{"row":{"select":[anyone()]}}}}).to_string();
-    let row = vec![Value::Json(text.clone()), text_value("abc123"), Value::Bool(true)];
+    let row = vec![
+        Value::Json(text.clone()),
+        text_value("abc123"),
+        Value::Bool(true),
+    ];
     let r = replica(
         &dir.path().join("set.db"),
         &[(permissions_spec("myapp"), vec![row])],
@@ -895,9 +995,19 @@ fn load_reads_the_replicated_row() {
     assert_eq!(hash, "abc123");
     assert_eq!(load(&r, "zero").expect("other app"), None);
 
-    let bad = vec![Value::Json(r#"{"tables":{"t":{"rows":{}}}}"#.into()), text_value("h"), Value::Bool(true)];
-    let r = replica(&dir.path().join("bad.db"), &[(permissions_spec("zero"), vec![bad])]);
-    assert!(matches!(load(&r, "zero"), Err(PermissionsError::Parse { .. })));
+    let bad = vec![
+        Value::Json(r#"{"tables":{"t":{"rows":{}}}}"#.into()),
+        text_value("h"),
+        Value::Bool(true),
+    ];
+    let r = replica(
+        &dir.path().join("bad.db"),
+        &[(permissions_spec("zero"), vec![bad])],
+    );
+    assert!(matches!(
+        load(&r, "zero"),
+        Err(PermissionsError::Parse { .. })
+    ));
 }
 
 fn text_value(s: &str) -> Value {

@@ -96,9 +96,7 @@ impl StaticParameters<'_> {
         for part in path {
             let next = match at {
                 serde_json::Value::Object(map) => map.get(part),
-                serde_json::Value::Array(items) => {
-                    index(part).and_then(|i| items.get(i))
-                }
+                serde_json::Value::Array(items) => index(part).and_then(|i| items.get(i)),
                 _ => None,
             };
             match next {
@@ -179,10 +177,16 @@ fn bind_condition(c: &Condition, params: &StaticParameters<'_>) -> Condition {
     match c {
         Condition::Simple(s) => bind_simple(s, params),
         Condition::And { conditions } => Condition::And {
-            conditions: conditions.iter().map(|c| bind_condition(c, params)).collect(),
+            conditions: conditions
+                .iter()
+                .map(|c| bind_condition(c, params))
+                .collect(),
         },
         Condition::Or { conditions } => Condition::Or {
-            conditions: conditions.iter().map(|c| bind_condition(c, params)).collect(),
+            conditions: conditions
+                .iter()
+                .map(|c| bind_condition(c, params))
+                .collect(),
         },
         Condition::CorrelatedSubquery(csq) => {
             let mut csq = csq.clone();
@@ -236,21 +240,29 @@ mod tests {
         let b = col_eq("b", 2);
         // One-element and/or collapse, recursively.
         assert_eq!(
-            simplify(cond(json!({"type":"and","conditions":[{"type":"or","conditions":[a]}]}))),
+            simplify(cond(
+                json!({"type":"and","conditions":[{"type":"or","conditions":[a]}]})
+            )),
             cond(a.clone())
         );
         // and with FALSE is FALSE; or with TRUE is TRUE.
         assert_eq!(
-            simplify(cond(json!({"type":"and","conditions":[a, {"type":"or","conditions":[]}]}))),
+            simplify(cond(
+                json!({"type":"and","conditions":[a, {"type":"or","conditions":[]}]})
+            )),
             always_false()
         );
         assert_eq!(
-            simplify(cond(json!({"type":"or","conditions":[a, {"type":"and","conditions":[]}]}))),
+            simplify(cond(
+                json!({"type":"or","conditions":[a, {"type":"and","conditions":[]}]})
+            )),
             always_true()
         );
         // A TRUE inside an and flattens away (leaving a one-element and, as upstream).
         assert_eq!(
-            simplify(cond(json!({"type":"and","conditions":[a, {"type":"and","conditions":[]}]}))),
+            simplify(cond(
+                json!({"type":"and","conditions":[a, {"type":"and","conditions":[]}]})
+            )),
             cond(json!({"type":"and","conditions":[a]}))
         );
         // Nested same-type nodes flatten one level after their own simplification.
@@ -261,7 +273,9 @@ mod tests {
         );
         // Different types do not flatten.
         assert_eq!(
-            simplify(cond(json!({"type":"and","conditions":[a, {"type":"or","conditions":[a, b]}]}))),
+            simplify(cond(
+                json!({"type":"and","conditions":[a, {"type":"or","conditions":[a, b]}]})
+            )),
             cond(json!({"type":"and","conditions":[a, {"type":"or","conditions":[a, b]}]}))
         );
         // The deny-all rule: and[where, or[or[]]] is FALSE.
@@ -307,7 +321,10 @@ mod tests {
             pre_mutation_row: None,
         };
         let b = |op, field| bind_static_parameters(&ast(static_cmp(op, field)), &p);
-        assert_eq!(bound_right(&b("=", json!("sub"))), Some(LiteralValue::String("u1".into())));
+        assert_eq!(
+            bound_right(&b("=", json!("sub"))),
+            Some(LiteralValue::String("u1".into()))
+        );
         assert_eq!(
             bound_right(&b("=", json!(["meta", "level"]))),
             Some(LiteralValue::Number(3.into()))
@@ -316,9 +333,18 @@ mod tests {
             bound_right(&b("=", json!(["meta", "roles", "1"]))),
             Some(LiteralValue::String("b".into()))
         );
-        assert_eq!(bound_right(&b("=", json!("nope"))), Some(LiteralValue::Null));
-        assert_eq!(bound_right(&b("=", json!(["meta", "x", "y"]))), Some(LiteralValue::Null));
-        assert_eq!(bound_right(&b("=", json!(["sub", "x"]))), Some(LiteralValue::Null));
+        assert_eq!(
+            bound_right(&b("=", json!("nope"))),
+            Some(LiteralValue::Null)
+        );
+        assert_eq!(
+            bound_right(&b("=", json!(["meta", "x", "y"]))),
+            Some(LiteralValue::Null)
+        );
+        assert_eq!(
+            bound_right(&b("=", json!(["sub", "x"]))),
+            Some(LiteralValue::Null)
+        );
         assert_eq!(
             bound_right(&b("IN", json!(["meta", "roles"]))),
             Some(LiteralValue::Array(vec![
@@ -328,15 +354,24 @@ mod tests {
         );
         // Uncomparable bindings are FALSE.
         assert_eq!(b("=", json!("meta")).where_, Some(always_false()));
-        assert_eq!(b("=", json!(["meta", "roles"])).where_, Some(always_false()));
+        assert_eq!(
+            b("=", json!(["meta", "roles"])).where_,
+            Some(always_false())
+        );
         assert_eq!(b("IN", json!("sub")).where_, Some(always_false()));
         // preMutationRow and unknown anchors always bind null; so does a missing anchor.
         let pre = json!({"type":"simple","op":"=","left":{"type":"column","name":"owner"},
             "right":{"type":"static","anchor":"preMutationRow","field":"owner"}});
-        assert_eq!(bound_right(&bind_static_parameters(&ast(pre), &p)), Some(LiteralValue::Null));
+        assert_eq!(
+            bound_right(&bind_static_parameters(&ast(pre), &p)),
+            Some(LiteralValue::Null)
+        );
         let anon = StaticParameters::default();
         assert_eq!(
-            bound_right(&bind_static_parameters(&ast(static_cmp("=", json!("sub"))), &anon)),
+            bound_right(&bind_static_parameters(
+                &ast(static_cmp("=", json!("sub"))),
+                &anon
+            )),
             Some(LiteralValue::Null)
         );
     }

@@ -135,7 +135,10 @@ fn asset(v: &Value, what: &str) -> R<Asset> {
 
 fn policy(v: &Value, what: &str) -> R<Policy> {
     let Value::Array(rules) = v else {
-        return Err(format!("{what}: expected an array of rules, got {}", kind(v)));
+        return Err(format!(
+            "{what}: expected an array of rules, got {}",
+            kind(v)
+        ));
     };
     rules
         .iter()
@@ -148,7 +151,10 @@ fn rule(v: &Value, what: &str) -> R<Condition> {
     match v {
         Value::Array(parts) if parts.len() == 2 => {
             if parts[0] != Value::String("allow".into()) {
-                return Err(format!("{what}: a rule starts with \"allow\", not {}", parts[0]));
+                return Err(format!(
+                    "{what}: a rule starts with \"allow\", not {}",
+                    parts[0]
+                ));
             }
             check_condition(&parts[1], &format!("{what}[1]"))?;
             Condition::deserialize(&parts[1]).map_err(|e| format!("{what}[1]: {e}"))
@@ -158,8 +164,20 @@ fn rule(v: &Value, what: &str) -> R<Condition> {
 }
 
 const SIMPLE_OPS: &[&str] = &[
-    "=", "!=", "IS", "IS NOT", "<", ">", "<=", ">=", "LIKE", "NOT LIKE", "ILIKE", "NOT ILIKE",
-    "IN", "NOT IN",
+    "=",
+    "!=",
+    "IS",
+    "IS NOT",
+    "<",
+    ">",
+    "<=",
+    ">=",
+    "LIKE",
+    "NOT LIKE",
+    "ILIKE",
+    "NOT ILIKE",
+    "IN",
+    "NOT IN",
 ];
 
 fn check_condition(v: &Value, what: &str) -> R<()> {
@@ -170,9 +188,17 @@ fn check_condition(v: &Value, what: &str) -> R<()> {
     match ty {
         "simple" => {
             let map = object(v, what, &["type", "op", "left", "right"])?;
-            one_of(required(map, "op", what)?, &format!("{what}.op"), SIMPLE_OPS)?;
+            one_of(
+                required(map, "op", what)?,
+                &format!("{what}.op"),
+                SIMPLE_OPS,
+            )?;
             check_value(required(map, "left", what)?, &format!("{what}.left"), true)?;
-            check_value(required(map, "right", what)?, &format!("{what}.right"), false)
+            check_value(
+                required(map, "right", what)?,
+                &format!("{what}.right"),
+                false,
+            )
         }
         "and" | "or" => {
             let map = object(v, what, &["type", "conditions"])?;
@@ -242,7 +268,9 @@ fn check_value(v: &Value, what: &str, left: bool) -> R<()> {
             match required(map, "field", what)? {
                 Value::String(_) => Ok(()),
                 Value::Array(parts) if parts.iter().all(Value::is_string) => Ok(()),
-                other => Err(format!("{what}.field: expected a string or strings, got {other}")),
+                other => Err(format!(
+                    "{what}.field: expected a string or strings, got {other}"
+                )),
             }
         }
         other => Err(format!("{what}: unexpected value type {other:?}")),
@@ -252,27 +280,44 @@ fn check_value(v: &Value, what: &str, left: bool) -> R<()> {
 fn check_related(v: &Value, what: &str) -> R<()> {
     let map = object(v, what, &["correlation", "hidden", "system", "subquery"])?;
     let w = format!("{what}.correlation");
-    let corr = object(required(map, "correlation", what)?, &w, &["parentField", "childField"])?;
+    let corr = object(
+        required(map, "correlation", what)?,
+        &w,
+        &["parentField", "childField"],
+    )?;
     for key in ["parentField", "childField"] {
         match required(corr, key, &w)? {
             Value::Array(f) if !f.is_empty() && f.iter().all(Value::is_string) => {}
-            other => return Err(format!("{w}.{key}: expected a non-empty string array, got {other}")),
+            other => {
+                return Err(format!(
+                    "{w}.{key}: expected a non-empty string array, got {other}"
+                ))
+            }
         }
     }
     if let Some(h) = optional(map, "hidden") {
         boolean(h, &format!("{what}.hidden"))?;
     }
     if let Some(s) = optional(map, "system") {
-        one_of(s, &format!("{what}.system"), &["permissions", "client", "test"])?;
+        one_of(
+            s,
+            &format!("{what}.system"),
+            &["permissions", "client", "test"],
+        )?;
     }
-    check_ast(required(map, "subquery", what)?, &format!("{what}.subquery"))
+    check_ast(
+        required(map, "subquery", what)?,
+        &format!("{what}.subquery"),
+    )
 }
 
 fn check_ast(v: &Value, what: &str) -> R<()> {
     let map = object(
         v,
         what,
-        &["schema", "table", "alias", "where", "related", "limit", "orderBy", "start"],
+        &[
+            "schema", "table", "alias", "where", "related", "limit", "orderBy", "start",
+        ],
     )?;
     string(required(map, "table", what)?, &format!("{what}.table"))?;
     for key in ["schema", "alias"] {
@@ -307,7 +352,9 @@ fn check_ast(v: &Value, what: &str) -> R<()> {
             _ => false,
         };
         if !ok {
-            return Err(format!("{what}.orderBy: expected [[column, \"asc\"|\"desc\"]...]"));
+            return Err(format!(
+                "{what}.orderBy: expected [[column, \"asc\"|\"desc\"]...]"
+            ));
         }
     }
     if let Some(s) = optional(map, "start") {

@@ -34,18 +34,30 @@ fn deployed() -> serde_json::Value {
 #[test]
 fn parses_deploy_permissions_output() {
     let p = parse(&deployed().to_string()).expect("parses");
-    let issue = p.table("issue").and_then(|t| t.row.as_ref()).expect("issue row");
+    let issue = p
+        .table("issue")
+        .and_then(|t| t.row.as_ref())
+        .expect("issue row");
     assert_eq!(issue.select.as_ref().map(Vec::len), Some(2));
-    assert_eq!(issue.insert, Some(vec![Condition::And { conditions: vec![] }]));
+    assert_eq!(
+        issue.insert,
+        Some(vec![Condition::And { conditions: vec![] }])
+    );
     assert_eq!(issue.delete, Some(vec![]));
     let update = issue.update.as_ref().expect("update");
     assert_eq!(update.pre_mutation, Some(vec![]));
     assert_eq!(update.post_mutation.as_ref().map(Vec::len), Some(1));
-    let cells = p.table("issue").and_then(|t| t.cell.as_ref()).expect("cells");
+    let cells = p
+        .table("issue")
+        .and_then(|t| t.cell.as_ref())
+        .expect("cells");
     assert_eq!(cells[0].0, "title");
     assert_eq!(cells[0].1.update, Some(UpdatePolicies::default()));
 
-    let comment = p.table("comment").and_then(|t| t.row.as_ref()).expect("comment row");
+    let comment = p
+        .table("comment")
+        .and_then(|t| t.row.as_ref())
+        .expect("comment row");
     let Some([Condition::CorrelatedSubquery(CorrelatedSubqueryCondition { related, op, .. })]) =
         comment.select.as_deref()
     else {
@@ -58,7 +70,10 @@ fn parses_deploy_permissions_output() {
     assert_eq!(p.table("label"), Some(&TablePermissions::default()));
 
     assert_eq!(parse("{}").expect("empty"), Permissions::default());
-    assert_eq!(parse(r#"{"tables":{}}"#).expect("no tables"), Permissions::default());
+    assert_eq!(
+        parse(r#"{"tables":{}}"#).expect("no tables"),
+        Permissions::default()
+    );
 }
 
 #[test]
@@ -99,7 +114,10 @@ fn parse_is_strict() {
     ];
     for b in bad {
         let err = parse(&b.to_string());
-        assert!(matches!(err, Err(PermissionsError::Parse { .. })), "{b} parsed: {err:?}");
+        assert!(
+            matches!(err, Err(PermissionsError::Parse { .. })),
+            "{b} parsed: {err:?}"
+        );
     }
     assert!(parse("{").is_err());
     assert!(parse("").is_err());
@@ -107,14 +125,23 @@ fn parse_is_strict() {
 
 #[test]
 fn parse_errors_quote_the_elided_text() {
-    let long = format!(r#"{{"tables":{{"t":{{"row":{{"select":"{}"}}}}}}}}"#, "é".repeat(100));
+    let long = format!(
+        r#"{{"tables":{{"t":{{"row":{{"select":"{}"}}}}}}}}"#,
+        "é".repeat(100)
+    );
     let Err(PermissionsError::Parse { text, .. }) = parse(&long) else {
         panic!("must fail");
     };
-    assert!(text.len() <= ELIDED_TEXT_BYTES_MAX && text.ends_with("..."), "{text}");
+    assert!(
+        text.len() <= ELIDED_TEXT_BYTES_MAX && text.ends_with("..."),
+        "{text}"
+    );
     assert_eq!(elide("short", 100), "short");
     let msg = parse("nope").expect_err("fails").to_string();
-    assert!(msg.starts_with("Could not parse upstream permissions: 'nope'."), "{msg}");
+    assert!(
+        msg.starts_with("Could not parse upstream permissions: 'nope'."),
+        "{msg}"
+    );
 }
 
 fn query(v: serde_json::Value) -> Ast {
@@ -161,7 +188,10 @@ fn read_transform_adds_rules_at_every_level_and_binds() {
     // Anonymous: authData is {}, so every authData reference binds null.
     let anon = serde_json::to_string(&authorize_read(&q, Some(&p), None)).expect("json");
     assert!(!anon.contains("static") && !anon.contains("u1"), "{anon}");
-    assert!(anon.contains(r#""right":{"type":"literal","value":null}"#), "{anon}");
+    assert!(
+        anon.contains(r#""right":{"type":"literal","value":null}"#),
+        "{anon}"
+    );
 
     // Nothing deployed, or no rules for the table: FALSE.
     for perms in [None, Some(&Permissions::default())] {
@@ -170,12 +200,18 @@ fn read_transform_adds_rules_at_every_level_and_binds() {
     }
     // ANYONE_CAN leaves the user's where in a one-element and (simplify flattens the TRUE away
     // after collapsing, as upstream does).
-    let anyone = parse(r#"{"tables":{"t":{"row":{"select":[["allow",{"type":"and","conditions":[]}]]}}}}"#)
-        .expect("parses");
+    let anyone =
+        parse(r#"{"tables":{"t":{"row":{"select":[["allow",{"type":"and","conditions":[]}]]}}}}"#)
+            .expect("parses");
     let w = json!({"type":"simple","op":">","left":{"type":"column","name":"a"},"right":{"type":"literal","value":1}});
     let out = authorize_read(&query(json!({"table":"t","where":w})), Some(&anyone), None);
     let w: Condition = serde_json::from_value(w).expect("cond");
-    assert_eq!(out.where_, Some(Condition::And { conditions: vec![w] }));
+    assert_eq!(
+        out.where_,
+        Some(Condition::And {
+            conditions: vec![w]
+        })
+    );
     let out = authorize_read(&query(json!({"table":"t"})), Some(&anyone), None);
     assert_eq!(out.where_, Some(condition::always_true()));
 }

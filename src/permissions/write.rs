@@ -8,9 +8,7 @@ use std::rc::Rc;
 use serde_json::{Map, Value as Json};
 use thiserror::Error;
 
-use super::condition::{
-    always_false, bind_static_parameters, literal, simplify, StaticParameters,
-};
+use super::condition::{always_false, bind_static_parameters, literal, simplify, StaticParameters};
 use super::{Permissions, Policy};
 use crate::protocol::crud::{CrudArgs, CrudOp};
 use crate::zql::ast::{
@@ -163,11 +161,8 @@ fn can_post_mutation(
                 primary_key(spec, value)?;
                 let row = row_from_value(spec, value, None);
                 if overlay.get(spec, &row)?.is_some() {
-                    let change = Json::Array(vec![
-                        Json::from(0),
-                        Json::Object(value.clone()),
-                        Json::Null,
-                    ]);
+                    let change =
+                        Json::Array(vec![Json::from(0), Json::Object(value.clone()), Json::Null]);
                     return Err(WriteError::RowExists(change.to_string()));
                 }
                 overlay.put(spec, row);
@@ -346,10 +341,10 @@ fn key_eq(spec: &TableSpec, key: &Row) -> Vec<(usize, Value)> {
 
 fn row_by_key(src: &dyn Source, spec: &TableSpec, key: &Row) -> Result<Option<Row>, WriteError> {
     let eq = key_eq(spec, key);
-    Ok(src
-        .fetch(&spec.name, &eq)?
-        .into_iter()
-        .find(|r| eq.iter().all(|(c, v)| r.get(*c).is_some_and(|x| x.sql_eq(v)))))
+    Ok(src.fetch(&spec.name, &eq)?.into_iter().find(|r| {
+        eq.iter()
+            .all(|(c, v)| r.get(*c).is_some_and(|x| x.sql_eq(v)))
+    }))
 }
 
 /// The replica with a mutation's changes applied: rows of changed tables by primary-key JSON,
@@ -407,10 +402,16 @@ impl Source for Overlay<'_> {
             .into_iter()
             .filter(|r| !changed.contains_key(&row_key_json(&spec, r)))
             .collect();
-        rows.extend(changed.values().flatten().filter(|r| {
-            eq.iter()
-                .all(|(c, v)| r.get(*c).is_some_and(|x| x.sql_eq(v)))
-        }).cloned());
+        rows.extend(
+            changed
+                .values()
+                .flatten()
+                .filter(|r| {
+                    eq.iter()
+                        .all(|(c, v)| r.get(*c).is_some_and(|x| x.sql_eq(v)))
+                })
+                .cloned(),
+        );
         Ok(rows)
     }
 
