@@ -73,6 +73,7 @@ fn parse_compact(token: &str) -> Result<Compact<'_>, JwtError> {
     };
     // An empty protected header is jose's `{}`; a JSON value that is not an object spreads to
     // one without `alg`.
+    let signing_input = &token[..header.len() + 1 + payload.len()];
     let header: Map<String, Value> = if header.is_empty() {
         Map::new()
     } else {
@@ -93,7 +94,6 @@ fn parse_compact(token: &str) -> Result<Compact<'_>, JwtError> {
         }
     };
     let kid = header.get("kid").and_then(Value::as_str).map(str::to_owned);
-    let signing_input = &token[..header.len() + 1 + payload.len()];
     Ok(Compact {
         signing_input,
         payload,
