@@ -119,7 +119,11 @@ pub struct Config {
     pub per_user_mutation_limit_max: Option<u64>,
 
     /// The rate limit's sliding window, in milliseconds.
-    #[arg(long, env = "ZERO_PER_USER_MUTATION_LIMIT_WINDOW_MS", default_value_t = 60_000)]
+    #[arg(
+        long,
+        env = "ZERO_PER_USER_MUTATION_LIMIT_WINDOW_MS",
+        default_value_t = 60_000
+    )]
     pub per_user_mutation_limit_window_ms: u64,
 
     /// The version the inspector reports (default: the zero-cache version zcache speaks for).
@@ -278,8 +282,13 @@ mod tests {
     fn more_than_one_key_option_is_refused() {
         let c = parse(&["--auth-secret", "s", "--auth-jwks-url", "http://x/jwks"]);
         let e = c.validate().expect_err("two key options");
-        assert!(e.to_string().contains("--auth-jwks-url, --auth-secret"), "{e}");
-        parse(&["--auth-secret", "s"]).validate().expect("one is fine");
+        assert!(
+            e.to_string().contains("--auth-jwks-url, --auth-secret"),
+            "{e}"
+        );
+        parse(&["--auth-secret", "s"])
+            .validate()
+            .expect("one is fine");
     }
 
     #[test]

@@ -79,13 +79,26 @@ pub fn parse_crud_mutation(m: &Json) -> Result<CrudMutation, ProtocolError> {
     if raw.name != CRUD_MUTATION_NAME {
         return Err(ProtocolError::new(
             ErrorKind::InvalidPush,
-            format!("a CRUD mutation is named {CRUD_MUTATION_NAME}, not {:?}", raw.name),
+            format!(
+                "a CRUD mutation is named {CRUD_MUTATION_NAME}, not {:?}",
+                raw.name
+            ),
         ));
     }
-    if let Some(op) = raw.args.0.ops.iter().find(|o| o.args().primary_key.is_empty()) {
+    if let Some(op) = raw
+        .args
+        .0
+        .ops
+        .iter()
+        .find(|o| o.args().primary_key.is_empty())
+    {
         return Err(ProtocolError::new(
             ErrorKind::InvalidPush,
-            format!("the {} of {} names no primary key", op.name(), op.args().table_name),
+            format!(
+                "the {} of {} names no primary key",
+                op.name(),
+                op.args().table_name
+            ),
         ));
     }
     Ok(CrudMutation {

@@ -87,9 +87,7 @@ pub async fn resolve(
         return Ok(None);
     };
     let Some(user_id) = user_id else {
-        return Err(unauthorized(
-            "Authenticated connections require a userID.",
-        ));
+        return Err(unauthorized("Authenticated connections require a userID."));
     };
     Ok(Some(match verifier {
         Some(v) => Auth::Jwt {
@@ -215,7 +213,10 @@ mod tests {
     #[test]
     fn tokens_need_a_user_and_empty_updates_refused_when_held() {
         assert_eq!(block_on(resolve(None, None, None)).expect("anon"), None);
-        assert_eq!(block_on(resolve(None, Some("u"), Some(""))).expect("empty"), None);
+        assert_eq!(
+            block_on(resolve(None, Some("u"), Some(""))).expect("empty"),
+            None
+        );
         let e = block_on(resolve(None, None, Some("t"))).expect_err("no user");
         assert_eq!(e.message, "Authenticated connections require a userID.");
         assert_eq!(

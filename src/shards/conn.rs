@@ -294,7 +294,11 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
     // 3000 and the message as the reason, as zero-cache does (cut to the 123 bytes a close
     // reason may hold, where zero-cache's own close throws and takes the process down).
     let early_with = |err: ProtocolError, code: u16| {
-        let reason = if code == CLOSE_CODE_REFUSED { err.message.as_str() } else { "" };
+        let reason = if code == CLOSE_CODE_REFUSED {
+            err.message.as_str()
+        } else {
+            ""
+        };
         for item in [
             Outbound::Frame(text_frame(down::error(&err).as_bytes())),
             Outbound::Close(close_frame(code, reason)),

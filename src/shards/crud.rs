@@ -38,7 +38,10 @@ pub async fn push(
     }
     let body: serde_json::Value = serde_json::from_str(body)
         .map_err(|e| ProtocolError::new(ErrorKind::InvalidPush, format!("invalid push: {e}")))?;
-    let mutations = body["mutations"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    let mutations = body["mutations"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[]);
     if mutations.len() > CRUD_MUTATIONS_PER_PUSH_MAX {
         return Err(ProtocolError::new(
             ErrorKind::InvalidPush,
@@ -94,8 +97,12 @@ fn authorize(shard: &Shard, ops: &[CrudOp], auth_data: Option<&serde_json::Value
     if let Err(e) = reader.begin_snapshot() {
         return Verdict::Failed(format!("Error: {e}"));
     }
-    let result =
-        crate::permissions::authorize_write(&*reader as &dyn Source, perms.as_deref(), ops, auth_data);
+    let result = crate::permissions::authorize_write(
+        &*reader as &dyn Source,
+        perms.as_deref(),
+        ops,
+        auth_data,
+    );
     let _ = reader.end_snapshot();
     match result {
         Ok(true) => Verdict::Allowed,

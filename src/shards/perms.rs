@@ -61,7 +61,7 @@ impl Shard {
     /// must use the new ones from this version on).
     pub(super) fn permissions_changed(&self, v: &VersionReady) -> bool {
         let table = self.permissions_table();
-        if !v.tables.iter().any(|t| *t == table) {
+        if !v.tables.contains(&table) {
             return false;
         }
         let was_loaded = self.perms.borrow().loaded;

@@ -151,7 +151,12 @@ pub fn next(ws: &mut Ws) -> Value {
 /// Deploys permissions that let anyone read `tables` with legacy (AST) queries, the way
 /// `zero-deploy-permissions` writes them: without any, zcache (as zero-cache) denies every
 /// legacy query. Run before zcache starts; it creates the row zcache would create.
-pub fn allow_reads(pg: &zcache::embedded::pgcluster::PgCluster, db: &str, app_id: &str, tables: &[&str]) {
+pub fn allow_reads(
+    pg: &zcache::embedded::pgcluster::PgCluster,
+    db: &str,
+    app_id: &str,
+    tables: &[&str],
+) {
     let anyone = r#"[["allow",{"type":"and","conditions":[]}]]"#;
     let rules: Vec<String> = tables
         .iter()
