@@ -269,11 +269,12 @@ fn zero_protocol_over_real_sockets() {
         change.rows
     );
 
-    // A second client of the same group joining with no cookie gets everything at once.
+    // A second client of the same group (the same user: the group is pinned to it) joining
+    // with no cookie gets everything at once.
     let protocol2 = sec_protocol(json!({"desiredQueriesPatch": []}), None);
     let (mut ws2, _) = connect(
         port,
-        "/sync/v51/connect?clientID=c2&clientGroupID=g1&baseCookie=&ts=1&lmid=0&wsid=w2",
+        "/sync/v51/connect?clientID=c2&clientGroupID=g1&userID=u1&baseCookie=&ts=1&lmid=0&wsid=w2",
         &protocol2,
     );
     assert_eq!(next(&mut ws2)[0], "connected");
