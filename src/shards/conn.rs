@@ -8,7 +8,7 @@ use crate::protocol::cookie::Version;
 use crate::protocol::up::{self, Upstream};
 use crate::protocol::{down, ErrorKind, ProtocolError, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN};
 use crate::ws::conn::{WsError, WsLimits, WsReader, WsWriter};
-use crate::ws::frame::{close_frame, text_frame};
+use crate::ws::frame::{close_frame, close_frame_no_status, text_frame};
 use crate::ws::handshake::{response_101, validate_upgrade, UpgradeRequest};
 use crate::ws::message::Message;
 use bytes::{Bytes, BytesMut};
@@ -205,8 +205,13 @@ impl Conn {
         self.closed.set(true);
     }
 
+    /// Closes without a status code, as zero-cache's `ws.close()` (the client sees 1005).
     pub fn close_silently(&self) {
-        self.enqueue(Outbound::Close(close_frame(1000, "")));
+        self.close_with(close_frame_no_status());
+    }
+
+    fn close_with(&self, frame: Bytes) {
+        self.enqueue(Outbound::Close(frame));
         self.closed.set(true);
         self.out.borrow_mut().take();
     }
@@ -426,7 +431,15 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
                 ErrorKind::InvalidMessage,
                 "binary messages are not part of the protocol",
             )),
-            Ok(Message::Close { .. }) | Err(WsError::Closed) | Err(WsError::Io(_)) => break,
+            // The client's close is answered with its own code (RFC 6455 5.5.1).
+            Ok(Message::Close { code, .. }) => {
+                conn.close_with(match code {
+                    Some(code) => close_frame(code, ""),
+                    None => close_frame_no_status(),
+                });
+                break;
+            }
+            Err(WsError::Closed) | Err(WsError::Io(_)) => break,
             Err(e @ WsError::Frame(_)) => {
                 let code = e.close_code().unwrap_or(1002);
                 conn.enqueue(Outbound::Close(close_frame(code, &e.to_string())));

@@ -322,6 +322,12 @@ pub fn close_frame(code: u16, reason: &str) -> Bytes {
     encode_to_bytes(Opcode::Close, &payload[..2 + reason.len()])
 }
 
+/// A close frame without a status code: what the other side reports as 1005 ("no status
+/// received"), as after zero-cache's `ws.close()`.
+pub fn close_frame_no_status() -> Bytes {
+    encode_to_bytes(Opcode::Close, &[])
+}
+
 fn truncate_utf8(s: &str, bytes_max: usize) -> &str {
     if s.len() <= bytes_max {
         return s;
@@ -556,6 +562,7 @@ mod tests {
     #[test]
     fn close_frame_layout_and_truncation() {
         assert_eq!(&close_frame(1000, "")[..], &[0x88, 0x02, 0x03, 0xE8]);
+        assert_eq!(&close_frame_no_status()[..], &[0x88, 0x00]);
         assert_eq!(
             &close_frame(1009, "big")[..],
             &[0x88, 0x05, 0x03, 0xF1, b'b', b'i', b'g']
