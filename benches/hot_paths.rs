@@ -329,6 +329,53 @@ fn bench_upstream(c: &mut Criterion) {
     g.finish();
 }
 
+/// What a connect costs with JWT auth: one verification per algorithm family, with the
+/// fixture tokens (tests/fixtures/jwt), claims checked as at a real connect.
+fn bench_jwt(c: &mut Criterion) {
+    let fixtures: serde_json::Value =
+        serde_json::from_str(include_str!("../tests/fixtures/jwt/fixtures.json"))
+            .expect("fixtures");
+    let secret = fixtures["secret"].as_str().expect("secret");
+    let user = fixtures["claims"]["sub"].as_str().expect("sub");
+    let issuer = fixtures["claims"]["iss"].as_str().map(String::from);
+    let audience = fixtures["claims"]["aud"].as_str().map(String::from);
+    let now_s = 1_700_000_100;
+    let mut g = c.benchmark_group("jwt_verify");
+    let cases: Vec<(&str, zcache::auth::Verifier)> = vec![
+        (
+            "HS256",
+            zcache::auth::Verifier::with_secret(secret, issuer.clone(), audience.clone())
+                .expect("secret"),
+        ),
+        ("RS256", jwk_verifier(&fixtures, "rsa", &issuer, &audience)),
+        ("ES256", jwk_verifier(&fixtures, "p256", &issuer, &audience)),
+        (
+            "EdDSA",
+            jwk_verifier(&fixtures, "ed25519", &issuer, &audience),
+        ),
+    ];
+    for (alg, verifier) in &cases {
+        let token = fixtures["tokens"][*alg].as_str().expect("token");
+        verifier
+            .verify(token, user, now_s)
+            .expect("the fixture verifies");
+        g.bench_function(*alg, |b| {
+            b.iter(|| verifier.verify(black_box(token), user, now_s))
+        });
+    }
+    g.finish();
+}
+
+fn jwk_verifier(
+    fixtures: &serde_json::Value,
+    key: &str,
+    issuer: &Option<String>,
+    audience: &Option<String>,
+) -> zcache::auth::Verifier {
+    let jwk = fixtures["keys"][key]["jwk"].to_string();
+    zcache::auth::Verifier::with_jwk(&jwk, issuer.clone(), audience.clone()).expect("jwk")
+}
+
 fn config() -> Criterion {
     Criterion::default()
         .sample_size(20)
@@ -339,6 +386,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = hot_paths;
     config = config();
-    targets = bench_pgoutput, bench_poke, bench_zql, bench_replica, bench_upstream
+    targets = bench_pgoutput, bench_poke, bench_zql, bench_replica, bench_upstream, bench_jwt
 }
 criterion_main!(hot_paths);
