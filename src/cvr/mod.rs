@@ -22,6 +22,40 @@ pub use persist::{row_digest, StoredRow};
 /// A row's identity: table name and primary-key JSON object (`{"id":"i1"}`).
 pub type RowKey = (String, String);
 
+/// A row's contents as views hold them: made once per row and state, and shared by every
+/// query and client group that reaches it, with its digest and the JSON of its `put` made
+/// once too (so a row sent to many groups is encoded once).
+#[derive(Debug)]
+pub struct RowData {
+    pub spec: Rc<TableSpec>,
+    pub row: Row,
+    /// `row_digest(row)`.
+    pub digest: u64,
+    put: std::cell::OnceCell<String>,
+}
+
+impl RowData {
+    pub fn new(spec: Rc<TableSpec>, row: Row) -> Rc<Self> {
+        let digest = row_digest(&row);
+        Rc::new(RowData {
+            spec,
+            row,
+            digest,
+            put: std::cell::OnceCell::new(),
+        })
+    }
+
+    /// The rowsPatch `put` op of this row.
+    pub fn put_json(&self) -> &str {
+        self.put
+            .get_or_init(|| crate::protocol::down::put_row_json(&self.spec, &self.row))
+    }
+
+    fn same_contents(a: &Rc<RowData>, b: &Rc<RowData>) -> bool {
+        Rc::ptr_eq(a, b) || (a.digest == b.digest && a.row == b.row)
+    }
+}
+
 /// What a query is, as the client asked for it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum QuerySpec {
@@ -159,16 +193,16 @@ pub struct RowRecord {
     pub patch: Version,
     /// The contents last sent; None for a tombstone, and for a live row loaded from the
     /// store until its query is hydrated again.
-    pub contents: Option<(Rc<TableSpec>, Row)>,
+    pub contents: Option<Rc<RowData>>,
     /// `row_digest` of those contents (what the store keeps instead of them).
     pub digest: u64,
 }
 
 /// The rows one evaluation of a query reached.
-pub type QueryRows = HashMap<RowKey, (Rc<TableSpec>, Row)>;
+pub type QueryRows = HashMap<RowKey, Rc<RowData>>;
 
 /// A row an incremental step touched, with what the query now reaches there (None: nothing).
-pub type TouchedRow = (RowKey, Option<(Rc<TableSpec>, Row)>);
+pub type TouchedRow = (RowKey, Option<Rc<RowData>>);
 
 #[derive(Debug, Clone)]
 pub struct Cvr {
@@ -434,7 +468,7 @@ impl Cvr {
     /// Stores a query's new result: marks it got, adjusts row ref-counts, and records puts
     /// for rows that are new to the group or whose contents changed, dels for rows no query
     /// reaches any more. Returns whether anything a client sees changed.
-    pub fn set_query_rows(&mut self, hash: &str, rows: QueryRows, at: Version) -> bool {
+    pub fn set_query_rows(&mut self, hash: &str, rows: &QueryRows, at: Version) -> bool {
         let Some(query) = self.queries.get_mut(hash) else {
             return false;
         };
@@ -449,16 +483,16 @@ impl Cvr {
         for key in old_keys.iter().filter(|k| !rows.contains_key(*k)) {
             changed |= self.unref_row(key, at);
         }
-        for (key, (spec, row)) in rows {
-            let added = !old_keys.contains(&key);
-            changed |= self.ref_row(key, spec, row, added, at);
+        for (key, data) in rows {
+            let added = !old_keys.contains(key);
+            changed |= self.ref_row(key.clone(), data.clone(), added, at);
         }
         changed
     }
 
     /// Updates a got query's rows from an incremental step: each touched key with the row
     /// the query now reaches (None: no longer reached). Untouched rows stay as they were.
-    pub fn update_query_rows(&mut self, hash: &str, touched: Vec<TouchedRow>, at: Version) -> bool {
+    pub fn update_query_rows(&mut self, hash: &str, touched: &[TouchedRow], at: Version) -> bool {
         let Some(query) = self.queries.get_mut(hash) else {
             return false;
         };
@@ -470,17 +504,17 @@ impl Cvr {
         let mut added = Vec::new();
         let mut gone = Vec::new();
         for (key, now) in touched {
-            let had = query.keys.contains(&key);
+            let had = query.keys.contains(key);
             match now {
-                Some((spec, row)) => {
+                Some(data) => {
                     if !had {
                         query.keys.insert(key.clone());
                     }
-                    added.push((key, spec, row, !had));
+                    added.push((key.clone(), data.clone(), !had));
                 }
                 None if had => {
-                    query.keys.remove(&key);
-                    gone.push(key);
+                    query.keys.remove(key);
+                    gone.push(key.clone());
                 }
                 None => {}
             }
@@ -488,20 +522,13 @@ impl Cvr {
         for key in gone {
             changed |= self.unref_row(&key, at);
         }
-        for (key, spec, row, new_ref) in added {
-            changed |= self.ref_row(key, spec, row, new_ref, at);
+        for (key, data, new_ref) in added {
+            changed |= self.ref_row(key, data, new_ref, at);
         }
         changed
     }
 
-    fn ref_row(
-        &mut self,
-        key: RowKey,
-        spec: Rc<TableSpec>,
-        row: Row,
-        added: bool,
-        at: Version,
-    ) -> bool {
+    fn ref_row(&mut self, key: RowKey, data: Rc<RowData>, added: bool, at: Version) -> bool {
         self.dirty_rows.insert(key.clone());
         let rec = self.rows.entry(key).or_insert(RowRecord {
             refs: 0,
@@ -514,17 +541,16 @@ impl Cvr {
             rec.refs += 1;
         }
         debug_assert!(rec.refs > 0, "a row a query reaches is referenced");
-        let digest = row_digest(&row);
         let same = match &rec.contents {
-            Some((_, old)) => *old == row,
+            Some(old) => RowData::same_contents(old, &data),
             // Loaded from the store: only the digest of what the client has is known.
-            None => was_live && rec.digest == digest,
+            None => was_live && rec.digest == data.digest,
         };
         if !same {
             rec.patch = at;
         }
-        rec.contents = Some((spec, row));
-        rec.digest = digest;
+        rec.digest = data.digest;
+        rec.contents = Some(data);
         !same
     }
 
@@ -646,7 +672,7 @@ impl Cvr {
                 continue;
             }
             match &rec.contents {
-                Some((spec, row)) => poke.put_row(spec, row),
+                Some(data) => poke.put_row_json(data.put_json()),
                 // A live row loaded from the store whose query has not been hydrated again:
                 // nothing to send until it is.
                 None if rec.refs > 0 => {}

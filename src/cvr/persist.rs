@@ -266,7 +266,7 @@ mod tests {
             .map(|(id, title)| {
                 let key = ("issue".to_string(), format!("{{\"id\":\"{id}\"}}"));
                 let row = vec![Value::Text(id.to_string()), Value::Text(title.to_string())];
-                (key, (spec(), row))
+                (key, crate::cvr::RowData::new(spec(), row))
             })
             .collect()
     }
@@ -317,9 +317,9 @@ mod tests {
             state: 10,
             config: 0,
         };
-        cvr.set_query_rows("q1", rows(&[("i1", "one"), ("i2", "two")]), v2);
-        cvr.set_query_rows("q2", rows(&[("i2", "two"), ("i3", "three")]), v2);
-        cvr.set_query_rows("q3", rows(&[("i4", "four")]), v2);
+        cvr.set_query_rows("q1", &rows(&[("i1", "one"), ("i2", "two")]), v2);
+        cvr.set_query_rows("q2", &rows(&[("i2", "two"), ("i3", "three")]), v2);
+        cvr.set_query_rows("q3", &rows(&[("i4", "four")]), v2);
         cvr.version = v2;
         let v3 = cvr.next_config_version();
         cvr.del_desired("c1", "q3", v3);
@@ -396,8 +396,8 @@ mod tests {
             config: 0,
         };
         // i2 changed while zcache was down; i1 left q1; q2 is unchanged.
-        assert!(back.set_query_rows("q1", rows(&[("i2", "two!")]), v4));
-        assert!(!back.set_query_rows("q2", rows(&[("i2", "two!"), ("i3", "three")]), v4));
+        assert!(back.set_query_rows("q1", &rows(&[("i2", "two!")]), v4));
+        assert!(!back.set_query_rows("q2", &rows(&[("i2", "two!"), ("i3", "three")]), v4));
         back.version = v4;
         assert_eq!(row_ops(&back, Some(v3)), vec!["del \"i1\"", "put \"i2\""]);
         // A client from before everything gets every live row and no tombstones' puts.

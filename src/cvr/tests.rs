@@ -27,7 +27,7 @@ fn rows(items: &[(&str, &str)]) -> QueryRows {
         .map(|(id, title)| {
             (
                 ("issue".to_string(), format!("{{\"id\":\"{id}\"}}")),
-                (
+                crate::cvr::RowData::new(
                     spec(),
                     vec![Value::Text(id.to_string()), Value::Text(title.to_string())],
                 ),
@@ -82,8 +82,8 @@ fn two_queries_share_a_row_until_both_drop_it() {
     cvr.version = v1;
 
     let v2 = cvr.next_data_version(100);
-    assert!(cvr.set_query_rows("q1", rows(&[("a", "A"), ("b", "B")]), v2));
-    assert!(cvr.set_query_rows("q2", rows(&[("b", "B")]), v2));
+    assert!(cvr.set_query_rows("q1", &rows(&[("a", "A"), ("b", "B")]), v2));
+    assert!(cvr.set_query_rows("q2", &rows(&[("b", "B")]), v2));
     cvr.version = v2;
     assert_eq!(
         row_ops(&poke_json(&cvr, Some(v1))),
@@ -92,9 +92,9 @@ fn two_queries_share_a_row_until_both_drop_it() {
 
     // q1 no longer reaches b: still referenced by q2, so no patch
     let v3 = cvr.next_data_version(101);
-    assert!(!cvr.set_query_rows("q1", rows(&[("a", "A")]), v3));
+    assert!(!cvr.set_query_rows("q1", &rows(&[("a", "A")]), v3));
     // a's title changes: a put
-    assert!(cvr.set_query_rows("q1", rows(&[("a", "A2")]), v3));
+    assert!(cvr.set_query_rows("q1", &rows(&[("a", "A2")]), v3));
     cvr.version = v3;
     assert_eq!(row_ops(&poke_json(&cvr, Some(v2))), vec!["put \"a\""]);
 
@@ -114,10 +114,10 @@ fn catch_up_from_any_cookie_equals_the_live_pokes() {
     cvr.put_desired("c1", "q1", named(), None, v1);
     cvr.version = v1;
     let v2 = cvr.next_data_version(5);
-    cvr.set_query_rows("q1", rows(&[("a", "A"), ("b", "B")]), v2);
+    cvr.set_query_rows("q1", &rows(&[("a", "A"), ("b", "B")]), v2);
     cvr.version = v2;
     let v3 = cvr.next_data_version(6);
-    cvr.set_query_rows("q1", rows(&[("b", "B"), ("c", "C")]), v3);
+    cvr.set_query_rows("q1", &rows(&[("b", "B"), ("c", "C")]), v3);
     cvr.version = v3;
 
     // a client that has nothing gets exactly the live rows, no tombstones
@@ -237,7 +237,7 @@ fn got_query(cvr: &mut Cvr, client: &str, hash: &str, ttl: Option<f64>, items: &
     });
     let state = cvr.version.state + 1;
     let at = cvr.next_data_version(state);
-    if cvr.set_query_rows(hash, rows(items), at) {
+    if cvr.set_query_rows(hash, &rows(items), at) {
         cvr.version = at;
     }
     assert!(cvr.queries[hash].got.is_some());

@@ -65,6 +65,16 @@ pub enum QueryOp {
     Del,
 }
 
+/// The rowsPatch `put` op of `row`.
+pub fn put_row_json(spec: &TableSpec, row: &Row) -> String {
+    let mut s = String::from("{\"op\":\"put\",\"tableName\":");
+    write_json_string(&spec.name, &mut s);
+    s.push_str(",\"value\":");
+    write_row_object(spec, row, &mut s);
+    s.push('}');
+    s
+}
+
 /// Builds the messages of one poke: pokeStart, pokeParts of at most
 /// `POKE_PART_PATCHES_MAX` patch entries each, pokeEnd.
 pub struct PokeBuilder {
@@ -156,12 +166,12 @@ impl PokeBuilder {
     }
 
     pub fn put_row(&mut self, spec: &TableSpec, row: &Row) {
-        let mut s = String::from("{\"op\":\"put\",\"tableName\":");
-        write_json_string(&spec.name, &mut s);
-        s.push_str(",\"value\":");
-        write_row_object(spec, row, &mut s);
-        s.push('}');
-        self.push_row(s);
+        self.push_row(put_row_json(spec, row));
+    }
+
+    /// A `put` op already encoded by `put_row_json` (shared by the groups it goes to).
+    pub fn put_row_json(&mut self, encoded: &str) {
+        self.push_row(encoded.to_string());
     }
 
     /// `id_json` is the primary-key object, e.g. `{"id":"i1"}`.

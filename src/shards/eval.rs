@@ -2,20 +2,19 @@
 //! evaluated against the shard's replica snapshot, and the internal queries that carry
 //! lastMutationIDs and mutation results.
 //!
-//! Each query is hydrated once into a `LiveQuery` and then kept up to date from the rows
-//! each version changed (`push_into`); when those are not known (a truncate, a schema
-//! change, a huge transaction) the query is hydrated again (`evaluate_into`).
+//! Each query's AST is maintained once per shard (`shared`), whatever number of groups hold
+//! it; a group copies its result when it first gets the query (`evaluate_into`) and then
+//! applies the diffs of each version to its CVR (`catch_up_into`).
 
 use super::routes::{interests_of, Interest};
+use super::shared::{Catchup, SharedHandle, SharedQueries};
 use super::Shard;
 use crate::appserver::{AppServerError, QueryRequest, TransformResult};
-use crate::cvr::{Cvr, QueryRows, QuerySpec};
+use crate::cvr::{Cvr, QuerySpec};
 use crate::protocol::cookie::Version;
 use crate::protocol::{ErrorKind, ProtocolError};
-use crate::sqlite::{IndexRequests, ReplicaReader};
+use crate::sqlite::ReplicaReader;
 use crate::zql::ast::{parse_ast, Ast, Condition};
-use crate::zql::ivm::{LiveQuery, RowChange};
-use crate::zql::schema::TableSpec;
 use crate::zql::value::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::rc::Rc;
@@ -28,8 +27,8 @@ pub struct GroupQueries {
     names: HashMap<String, String>,
     /// Queries whose AST failed to run: not retried until the client asks again.
     failed: std::collections::HashSet<String>,
-    /// The maintained form of every got query.
-    live: HashMap<String, LiveQuery>,
+    /// The shared maintained query behind every got query.
+    live: HashMap<String, SharedHandle>,
     /// Named queries to transform again although they have an AST (a new connection or a
     /// new auth token: the app server may now answer differently).
     stale: std::collections::HashSet<String>,
@@ -202,20 +201,6 @@ impl GroupQueries {
         out
     }
 
-    /// Got queries that read any of `tables`.
-    pub fn affected_by(&self, cvr: &Cvr, tables: &BTreeSet<String>) -> Vec<String> {
-        let mut out: Vec<String> = cvr
-            .queries
-            .iter()
-            .filter(|(h, q)| {
-                q.got.is_some() && self.tables.get(*h).is_some_and(|t| !t.is_disjoint(tables))
-            })
-            .map(|(h, _)| h.clone())
-            .collect();
-        out.sort();
-        out
-    }
-
     /// The AST the query runs (the app server's for a named query), for the inspector.
     pub fn ast_of(&self, hash: &str) -> Option<&Ast> {
         self.asts.get(hash).map(|a| &**a)
@@ -228,13 +213,18 @@ impl GroupQueries {
     /// What these queries read, for the shard's routes: a maintained query's root pinned by
     /// `column = value` reads only the rows holding it; anything else (a query not yet
     /// hydrated, a subquery's table) reads whole tables.
-    pub fn interests(&self, out: &mut BTreeSet<Interest>) {
+    pub fn interests(&self, shared: &SharedQueries, out: &mut BTreeSet<Interest>) {
         for (hash, tables) in &self.tables {
-            match self.live.get(hash) {
+            match self.live.get(hash).and_then(|h| shared.live(&h.key)) {
                 Some(q) => interests_of(q, out),
                 None => out.extend(tables.iter().cloned().map(Interest::Table)),
             }
         }
+    }
+
+    /// The got queries with a shared query behind them, by hash.
+    pub fn handles(&self) -> impl Iterator<Item = (&String, &SharedHandle)> {
+        self.live.iter()
     }
 }
 
@@ -267,103 +257,60 @@ fn transform_failed(e: &AppServerError, ids: &[String]) -> ProtocolError {
     )
 }
 
-/// Hydrates one query against the open snapshot and stores its rows in the CVR.
+/// Gives one query its shared maintained query (hydrated if no group holds it yet) in the
+/// open snapshot, caught up to by `shared`, and stores a copy of its rows in the CVR.
 pub fn evaluate_into(
     reader: &ReplicaReader,
     shard: &Shard,
+    shared: &mut SharedQueries,
     queries: &mut GroupQueries,
     cvr: &mut Cvr,
     hash: &str,
     at: Version,
 ) -> Result<bool, crate::zql::error::ZqlError> {
-    let Some(ast) = queries.asts.get(hash) else {
+    let Some(ast) = queries.asts.get(hash).cloned() else {
         return Ok(false);
     };
     queries.live.remove(hash);
-    let started = std::time::Instant::now();
-    let live = shard.hydrations.hydrate(ast, reader)?;
-    request_missing_indexes(reader, &live, &shard.index_requests);
-    let mut rows: QueryRows = HashMap::with_capacity(live.rows().len());
-    for ((table, key), (row, _count)) in live.rows() {
-        let spec = checked_spec(reader, table, row)?;
-        rows.insert((table.clone(), key.clone()), (spec, row.clone()));
-    }
-    let synced = rows.len();
-    queries.live.insert(hash.to_string(), live);
-    let changed = cvr.set_query_rows(hash, rows, at);
-    crate::metrics::observe_since(crate::metrics::Timing::Hydration, started);
-    // The engine's side of a hydration (reads, operators, the CVR's rows), the figure
-    // zero-cache logs as "Slow query materialization" under ZERO_LOG_SLOW_HYDRATE_THRESHOLD.
-    tracing::debug!(
-        target: "zcache::hydration",
-        "hydrated {synced} rows of {} for {hash} in {} us",
-        ast.table,
-        started.elapsed().as_micros()
-    );
-    Ok(changed)
+    let handle = shared.acquire(&ast, reader, &shard.index_requests)?;
+    let rows = shared.rows(&handle.key, reader)?;
+    queries.live.insert(hash.to_string(), handle);
+    Ok(cvr.set_query_rows(hash, &rows, at))
 }
 
-/// Brings one hydrated query up to date with `changes` (rows read in the open snapshot)
-/// and updates the CVR with the rows whose count or contents changed.
-pub fn push_into(
+/// Brings one got query's CVR rows from the group's state to the shared one: the diffs of
+/// the steps between, or a copy of the current result when the log does not reach back.
+pub fn catch_up_into(
     reader: &ReplicaReader,
-    shard: &Shard,
+    shared: &mut SharedQueries,
     queries: &mut GroupQueries,
     cvr: &mut Cvr,
     hash: &str,
-    changes: &[RowChange],
+    from: u64,
     at: Version,
 ) -> Result<bool, crate::zql::error::ZqlError> {
-    let Some(live) = queries.live.get_mut(hash) else {
-        return evaluate_into(reader, shard, queries, cvr, hash, at);
+    let Some(handle) = queries.live.get(hash) else {
+        return Ok(false);
     };
-    let touched = match live.push(changes, reader) {
-        Ok(t) => t,
+    let result = shared.since(&handle.key, from, reader);
+    let catchup = match result {
+        Ok(c) => c,
         Err(e) => {
-            // Its state is not to be trusted any more.
+            // Its state is not to be trusted any more: hydrated anew at the next chance.
             queries.live.remove(hash);
             return Err(e);
         }
     };
-    let mut update: Vec<crate::cvr::TouchedRow> = Vec::with_capacity(touched.len());
-    for key in touched {
-        let now = match live.rows().get(&key) {
-            Some((row, _)) => Some((checked_spec(reader, &key.0, row)?, row.clone())),
-            None => None,
-        };
-        update.push((key, now));
-    }
-    Ok(cvr.update_query_rows(hash, update, at))
-}
-
-/// Asks the replicator for the indexes the query's lookups lack.
-fn request_missing_indexes(reader: &ReplicaReader, live: &LiveQuery, wanted: &IndexRequests) {
-    for (table, columns) in live.lookups() {
-        if columns.is_empty() || reader.has_index_on(&table, &columns).unwrap_or(true) {
-            continue;
+    Ok(match catchup {
+        Catchup::Steps(diffs) => {
+            let mut changed = false;
+            for d in diffs {
+                changed |= cvr.update_query_rows(hash, &d, at);
+            }
+            changed
         }
-        if wanted.request(&table, &columns) {
-            tracing::debug!(%table, ?columns, "asking for an index the query's lookups need");
-        }
-    }
-}
-
-/// The table's spec, after checking the row holds nothing a JavaScript client would get
-/// wrong (integers beyond 2^53).
-fn checked_spec(
-    reader: &ReplicaReader,
-    table: &str,
-    row: &crate::zql::value::Row,
-) -> Result<Rc<TableSpec>, crate::zql::error::ZqlError> {
-    let spec = reader
-        .table_spec(table)
-        .ok_or_else(|| crate::zql::error::ZqlError::UnknownTable(table.to_string()))?;
-    if let Some((column, value)) = crate::protocol::down::unsafe_integer_column(&spec, row) {
-        return Err(crate::zql::error::ZqlError::Source(format!(
-            "{table}.{column} = {value} is beyond 2^53: a JavaScript client cannot hold it exactly"
-        )));
-    }
-    Ok(spec)
+        Catchup::Copy(rows) => cvr.set_query_rows(hash, &rows, at),
+    })
 }
 
 /// The internal queries: `{shard}.clients` rows of the group become lastMutationIDChanges,

@@ -32,8 +32,11 @@ pub struct Group {
     /// Pushes waiting for the app server, in order (created on the first push).
     pub pusher: RefCell<Option<super::push::Pusher>>,
     lock: glommio::sync::Semaphore,
-    /// What changed upstream since the group last advanced.
+    /// What changed upstream since the group last advanced (the tables only: the rows are
+    /// the shard's shared queries' business).
     pending: RefCell<Pending>,
+    /// The shared queries' state this group's query rows are at (`shared`).
+    shared_state: Cell<u64>,
     /// The replica commit of the oldest pending version that came while a socket was open
     /// (the poke latency metric's start).
     pending_since: Cell<Option<Instant>>,
@@ -87,7 +90,8 @@ impl Group {
             pinned_user: RefCell::new(None),
             pusher: RefCell::new(None),
             lock: glommio::sync::Semaphore::new(1),
-            pending: RefCell::new(Pending::default()),
+            pending: RefCell::new(Pending::tables_only()),
+            shared_state: Cell::new(0),
             pending_since: Cell::new(None),
             persist: RefCell::new(None),
             loaded: std::cell::Cell::new(false),
@@ -534,7 +538,11 @@ impl Group {
         }
         let mut failed = Vec::new();
         let hydrated = self.in_snapshot(shard, |reader, cvr, at| {
-            let mut changed = false;
+            let mut shared = shard.shared.borrow_mut();
+            shared.catch_up(reader).map_err(|e| {
+                ProtocolError::new(ErrorKind::Internal, format!("advancing queries: {e}"))
+            })?;
+            let mut changed = self.apply_shared(shard, reader, &mut shared, cvr, at)?;
             for hash in cvr.expired_queries() {
                 self.queries.borrow_mut().forget(&hash);
                 changed |= cvr.remove_query(&hash, at);
@@ -555,6 +563,7 @@ impl Group {
                 match eval::evaluate_into(
                     reader,
                     shard,
+                    &mut shared,
                     &mut self.queries.borrow_mut(),
                     cvr,
                     &hash,
@@ -582,7 +591,9 @@ impl Group {
     /// routes, which decide the versions the group hears of.
     pub fn sync_routes(&self, shard: &Shard) {
         let mut interests = std::collections::BTreeSet::new();
-        self.queries.borrow().interests(&mut interests);
+        self.queries
+            .borrow()
+            .interests(&shard.shared.borrow(), &mut interests);
         for table in ["clients", "mutations"] {
             interests.insert(Interest::Keyed {
                 table: format!("{}.{table}", shard.shard_schema),
@@ -654,6 +665,45 @@ impl Group {
         self.advance_locked(shard)
     }
 
+    /// Brings the group's got queries to the shared queries' state (caught up to in the open
+    /// snapshot): each applies the diffs it lacks, or takes a copy.
+    fn apply_shared(
+        &self,
+        shard: &Shard,
+        reader: &crate::sqlite::ReplicaReader,
+        shared: &mut super::shared::SharedQueries,
+        cvr: &mut Cvr,
+        at: Version,
+    ) -> GroupResult<bool> {
+        let from = self.shared_state.get();
+        let to = shared.state();
+        if from == to {
+            return Ok(false);
+        }
+        let mut changed = false;
+        let mut queries = self.queries.borrow_mut();
+        let hashes: Vec<String> = queries.handles().map(|(h, _)| h.clone()).collect();
+        for hash in hashes {
+            let started = Instant::now();
+            match eval::catch_up_into(reader, shared, &mut queries, cvr, &hash, from, at) {
+                Ok(true) => {
+                    changed = true;
+                    self.inspect.updated(shard, cvr, &hash, started);
+                }
+                Ok(false) => {}
+                // The client's view would silently go stale: end the sockets instead.
+                Err(e) => {
+                    return Err(ProtocolError::new(
+                        ErrorKind::Internal,
+                        format!("query {hash} failed: {e}"),
+                    ))
+                }
+            }
+        }
+        self.shared_state.set(to);
+        Ok(changed)
+    }
+
     /// Marks an advance as queued; false if one already is (it will see this version too).
     pub fn queue_advance(&self) -> bool {
         !self.advance_queued.replace(true)
@@ -661,7 +711,7 @@ impl Group {
 
     /// `advance` for a caller that holds the lock.
     fn advance_locked(&self, shard: &Shard) -> GroupResult<()> {
-        let pending = std::mem::take(&mut *self.pending.borrow_mut());
+        let pending = std::mem::replace(&mut *self.pending.borrow_mut(), Pending::tables_only());
         if pending.is_empty() {
             return Ok(());
         }
@@ -676,34 +726,12 @@ impl Group {
                 early = true;
                 return Ok(false);
             }
-            let changes = pending.changes(reader).map_err(|e| {
-                ProtocolError::new(ErrorKind::Internal, format!("reading changed rows: {e}"))
+            let mut shared = shard.shared.borrow_mut();
+            shared.catch_up(reader).map_err(|e| {
+                ProtocolError::new(ErrorKind::Internal, format!("advancing queries: {e}"))
             })?;
-            let mut changed = false;
-            let affected = self.queries.borrow().affected_by(cvr, &pending.tables);
-            for hash in affected {
-                let mut queries = self.queries.borrow_mut();
-                let started = Instant::now();
-                let result = match &changes {
-                    Some(changes) => {
-                        eval::push_into(reader, shard, &mut queries, cvr, &hash, changes, at)
-                    }
-                    None => eval::evaluate_into(reader, shard, &mut queries, cvr, &hash, at),
-                };
-                match result {
-                    Ok(c) => {
-                        changed |= c;
-                        self.inspect.updated(shard, cvr, &hash, started);
-                    }
-                    // The client's view would silently go stale: end the sockets instead.
-                    Err(e) => {
-                        return Err(ProtocolError::new(
-                            ErrorKind::Internal,
-                            format!("query {hash} failed: {e}"),
-                        ))
-                    }
-                }
-            }
+            let mut changed = self.apply_shared(shard, reader, &mut shared, cvr, at)?;
+            drop(shared);
             if pending
                 .tables
                 .iter()

@@ -787,7 +787,7 @@ mod tests {
                 let row = vec![Value::Text(id.to_string()), Value::Int(1)];
                 (
                     ("issue".to_string(), format!("{{\"id\":\"{id}\"}}")),
-                    (spec(), row),
+                    crate::cvr::RowData::new(spec(), row),
                 )
             })
             .collect()
@@ -806,7 +806,7 @@ mod tests {
         cvr.put_desired("c1", "qn", named.clone(), Some(1000.0), at);
         cvr.put_desired("c1", "qa", QuerySpec::Ast(legacy.clone()), Some(50.0), at);
         let data = cvr.next_data_version(1);
-        cvr.set_query_rows("qa", rows(&["i1", "i2"]), data);
+        cvr.set_query_rows("qa", &rows(&["i1", "i2"]), data);
         cvr.version = data;
         // c1 drops qa (TTL 50 ms) and qn (TTL 1 s); 100 ms later only qn's desire is left.
         let at = Version {

@@ -9,11 +9,11 @@ pub mod eval;
 pub mod flush;
 pub mod group;
 pub mod inspect;
-pub mod memo;
 pub mod pending;
 pub mod perms;
 pub mod push;
 pub mod routes;
+pub mod shared;
 
 use crate::appserver::AppServerClient;
 use crate::config::Config;
@@ -100,8 +100,8 @@ pub struct Shard {
     pub cvrs: std::cell::OnceCell<Rc<flush::CvrPersistence>>,
     /// Which groups each version may concern.
     pub routes: RefCell<routes::Routes>,
-    /// Hydrations at the newest watermark, shared by groups asking for the same query.
-    pub hydrations: memo::HydrationMemo,
+    /// One maintained query per AST, shared by the groups holding it.
+    pub shared: RefCell<shared::SharedQueries>,
     advance_queue: std::cell::OnceCell<glommio::TaskQueueHandle>,
     /// The replica watermark the table specs were read at (None: not since the start).
     specs_at: std::cell::Cell<Option<u64>>,
@@ -158,7 +158,7 @@ impl Shard {
             index_requests,
             cvrs: std::cell::OnceCell::new(),
             routes: RefCell::new(routes::Routes::default()),
-            hydrations: memo::HydrationMemo::default(),
+            shared: RefCell::new(shared::SharedQueries::default()),
             advance_queue: std::cell::OnceCell::new(),
             specs_at: std::cell::Cell::new(None),
             advance_waiting: RefCell::new(HashSet::new()),
@@ -276,7 +276,7 @@ impl Shard {
     /// advances in its own task, so one group waiting for the app server holds up no other.
     pub fn on_version(self: &Rc<Self>, v: VersionReady) {
         let rows_usable = self.refresh_specs(&v);
-        self.hydrations.clear();
+        self.shared.borrow_mut().note(&v);
         if self.permissions_changed(&v) {
             self.reauthorize_legacy_queries();
         }

@@ -21,6 +21,8 @@ pub struct Pending {
     /// By (table, key JSON): the key and the row's first state before; None when some
     /// version came without its rows (or there were too many).
     rows: Option<RowsByKey>,
+    /// Whether rows are kept at all (a group needs only the tables).
+    track_rows: bool,
 }
 
 impl Default for Pending {
@@ -28,6 +30,7 @@ impl Default for Pending {
         Pending {
             tables: BTreeSet::new(),
             rows: Some(HashMap::new()),
+            track_rows: true,
         }
     }
 }
@@ -45,12 +48,24 @@ fn key_json(row: &ChangedRow) -> String {
 }
 
 impl Pending {
+    /// Only the tables, for a client group: the shard's shared queries keep the rows.
+    pub fn tables_only() -> Self {
+        Pending {
+            tables: BTreeSet::new(),
+            rows: None,
+            track_rows: false,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.tables.is_empty()
     }
 
     pub fn note(&mut self, v: &VersionReady) {
         self.tables.extend(v.tables.iter().cloned());
+        if !self.track_rows {
+            return;
+        }
         let (Some(rows), Some(changed)) = (&mut self.rows, &v.rows) else {
             self.rows = None;
             return;
