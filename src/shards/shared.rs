@@ -66,7 +66,6 @@ pub enum Catchup {
     Copy(Rc<QueryRows>),
 }
 
-#[derive(Default)]
 pub struct SharedQueries {
     entries: HashMap<QueryKey, Entry>,
     state: u64,
@@ -74,6 +73,14 @@ pub struct SharedQueries {
     pending: Pending,
     log: VecDeque<Step>,
     log_rows: usize,
+    log_steps_max: usize,
+    log_rows_max: usize,
+}
+
+impl Default for SharedQueries {
+    fn default() -> Self {
+        Self::with_log_limits(SHARED_LOG_STEPS_MAX, SHARED_LOG_ROWS_MAX)
+    }
 }
 
 /// The key of `ast`: its JSON, which is canonical (serde writes fields in declaration order).
@@ -84,6 +91,20 @@ pub fn query_key(ast: &Ast) -> QueryKey {
 }
 
 impl SharedQueries {
+    /// With a log of other bounds (tests make it short to reach the copy path).
+    pub fn with_log_limits(log_steps_max: usize, log_rows_max: usize) -> Self {
+        assert!(log_steps_max > 0, "the log keeps at least the last step");
+        SharedQueries {
+            entries: HashMap::new(),
+            state: 0,
+            pending: Pending::default(),
+            log: VecDeque::new(),
+            log_rows: 0,
+            log_steps_max,
+            log_rows_max,
+        }
+    }
+
     pub fn state(&self) -> u64 {
         self.state
     }
@@ -172,13 +193,13 @@ impl SharedQueries {
                 self.log.push_back(step);
             }
         }
-        while self.log.len() > SHARED_LOG_STEPS_MAX || self.log_rows > SHARED_LOG_ROWS_MAX {
+        while self.log.len() > self.log_steps_max || self.log_rows > self.log_rows_max {
             let Some(old) = self.log.pop_front() else {
                 break;
             };
             self.log_rows -= old.rows;
         }
-        debug_assert!(self.log_rows <= SHARED_LOG_ROWS_MAX || self.log.is_empty());
+        debug_assert!(self.log_rows <= self.log_rows_max || self.log.is_empty());
     }
 
     /// Drops the queries nobody holds any more.
