@@ -322,6 +322,15 @@ async fn run_syncer(
         index_requests,
         legacy,
     ));
+    // Everything in the replica now is announced: streaming starts once every syncer has
+    // connected its end of the version channel, after this.
+    {
+        let reader = shard.reader.borrow();
+        if let Ok(at) = reader.begin_snapshot() {
+            shard.last_version.set(at);
+        }
+        let _ = reader.end_snapshot();
+    }
     let weak = Rc::downgrade(&shard);
     let gauges = move || weak.upgrade().map(|s| crate::metrics::shard_gauges(&s));
     glommio::spawn_local(crate::metrics::publish_forever(id.to_string(), gauges)).detach();

@@ -75,6 +75,31 @@ pub struct ConfigUpdate<'a> {
 
 pub type GroupResult<T> = Result<T, ProtocolError>;
 
+/// How long a hydration waits for the replica's newest versions to be announced before it
+/// reads a snapshot that holds them anyway.
+const ANNOUNCE_WAIT_MS_MAX: u64 = 50;
+
+/// Waits until the shard has heard of every version the replica holds (normally at once:
+/// the replicator announces each commit right after it), so that the shared queries caught
+/// up to a hydration's snapshot have every change in it. Past ANNOUNCE_WAIT_MS_MAX the
+/// hydration goes on: the queries then lack the unannounced changes until they are announced
+/// (as groups that advance meanwhile see them), and the client sees them one poke later.
+async fn wait_until_announced(shard: &Shard) {
+    let deadline = Instant::now() + Duration::from_millis(ANNOUNCE_WAIT_MS_MAX);
+    loop {
+        let at = {
+            let reader = shard.reader.borrow();
+            let at = reader.begin_snapshot().unwrap_or(0);
+            let _ = reader.end_snapshot();
+            at
+        };
+        if at <= shard.last_version.get() || Instant::now() >= deadline {
+            return;
+        }
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// Sockets one client group may have open at once (one per tab, typically a handful).
 pub const SOCKETS_PER_GROUP_MAX: usize = 1024;
 
@@ -537,6 +562,7 @@ impl Group {
             transform_failed = failed;
         }
         let mut failed = Vec::new();
+        wait_until_announced(shard).await;
         let hydrated = self.in_snapshot(shard, |reader, cvr, at| {
             let mut shared = shard.shared.borrow_mut();
             shared.catch_up(reader).map_err(|e| {
