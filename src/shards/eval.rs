@@ -10,7 +10,7 @@ use super::routes::{interests_of, Interest};
 use super::shared::{Catchup, SharedHandle, SharedQueries};
 use super::Shard;
 use crate::appserver::{AppServerError, QueryRequest, TransformResult};
-use crate::cvr::{Cvr, QuerySpec};
+use crate::cvr::{Cvr, QuerySpec, TouchedRow};
 use crate::protocol::cookie::Version;
 use crate::protocol::{ErrorKind, ProtocolError};
 use crate::sqlite::ReplicaReader;
@@ -302,15 +302,26 @@ pub fn catch_up_into(
         }
     };
     Ok(match catchup {
-        Catchup::Steps(diffs) => {
-            let mut changed = false;
-            for d in diffs {
-                changed |= cvr.update_query_rows(hash, &d, at);
-            }
-            changed
-        }
+        Catchup::Steps(diffs) => match diffs.as_slice() {
+            [] => false,
+            [one] => cvr.update_query_rows(hash, one, at),
+            // One net diff: each row's last entry, whose contents are current (a later
+            // change to the row would have touched the query again). Applied step by step,
+            // an older step could put back old contents of a row another of the group's
+            // queries still reaches with newer ones.
+            many => cvr.update_query_rows(hash, &net_diff(many), at),
+        },
         Catchup::Copy(rows) => cvr.set_query_rows(hash, &rows, at),
     })
+}
+
+/// Several steps' diffs of one query as one: each touched row once, as the last step left it.
+fn net_diff(steps: &[Rc<Vec<TouchedRow>>]) -> Vec<TouchedRow> {
+    let mut last: HashMap<&crate::cvr::RowKey, &TouchedRow> = HashMap::new();
+    for entry in steps.iter().flat_map(|s| s.iter()) {
+        last.insert(&entry.0, entry);
+    }
+    last.into_values().cloned().collect()
 }
 
 /// The internal queries: `{shard}.clients` rows of the group become lastMutationIDChanges,

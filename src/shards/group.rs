@@ -75,30 +75,10 @@ pub struct ConfigUpdate<'a> {
 
 pub type GroupResult<T> = Result<T, ProtocolError>;
 
-/// How long a hydration waits for the replica's newest versions to be announced before it
-/// reads a snapshot that holds them anyway.
-const ANNOUNCE_WAIT_MS_MAX: u64 = 50;
-
-/// Waits until the shard has heard of every version the replica holds (normally at once:
-/// the replicator announces each commit right after it), so that the shared queries caught
-/// up to a hydration's snapshot have every change in it. Past ANNOUNCE_WAIT_MS_MAX the
-/// hydration goes on: the queries then lack the unannounced changes until they are announced
-/// (as groups that advance meanwhile see them), and the client sees them one poke later.
-async fn wait_until_announced(shard: &Shard) {
-    let deadline = Instant::now() + Duration::from_millis(ANNOUNCE_WAIT_MS_MAX);
-    loop {
-        let at = {
-            let reader = shard.reader.borrow();
-            let at = reader.begin_snapshot().unwrap_or(0);
-            let _ = reader.end_snapshot();
-            at
-        };
-        if at <= shard.last_version.get() || Instant::now() >= deadline {
-            return;
-        }
-        glommio::timer::sleep(Duration::from_millis(1)).await;
-    }
-}
+/// How long a hydration waits for the versions its snapshot holds to be announced to the
+/// shard (normally at once: the replicator announces each commit right after it) before the
+/// client is told to reconnect.
+const ANNOUNCE_WAIT_MS_MAX: u64 = 5_000;
 
 /// Sockets one client group may have open at once (one per tab, typically a handful).
 pub const SOCKETS_PER_GROUP_MAX: usize = 1024;
@@ -562,49 +542,68 @@ impl Group {
             transform_failed = failed;
         }
         let mut failed = Vec::new();
-        wait_until_announced(shard).await;
-        let hydrated = self.in_snapshot(shard, |reader, cvr, at| {
-            let mut shared = shard.shared.borrow_mut();
-            shared.catch_up(reader).map_err(|e| {
-                ProtocolError::new(ErrorKind::Internal, format!("advancing queries: {e}"))
-            })?;
-            let mut changed = self.apply_shared(shard, reader, &mut shared, cvr, at)?;
-            for hash in cvr.expired_queries() {
-                self.queries.borrow_mut().forget(&hash);
-                changed |= cvr.remove_query(&hash, at);
-            }
-            // A query the app server now refuses is removed with its rows (zero-cache's
-            // transform errors), and not asked for again until a client puts it again.
-            for hash in &transform_failed {
-                let mut queries = self.queries.borrow_mut();
-                queries.mark_failed(hash);
-                if cvr.queries.get(hash).is_some_and(|q| q.got.is_some()) {
-                    queries.forget(hash);
-                    changed |= cvr.remove_query(hash, at);
+        let deadline = Instant::now() + Duration::from_millis(ANNOUNCE_WAIT_MS_MAX);
+        let hydrated = loop {
+            let mut early = false;
+            let result = self.in_snapshot(shard, |reader, cvr, at| {
+                // The shared queries move to the snapshot's state; changes in it that are not
+                // announced yet would never be pushed into them. Wait for their announcement.
+                if reader.snapshot_watermark() > shard.last_version.get() {
+                    early = true;
+                    return Ok(false);
                 }
-            }
-            let pending: Vec<String> = self.queries.borrow().ungot_with_ast(cvr);
-            for hash in pending {
-                let started = Instant::now();
-                match eval::evaluate_into(
-                    reader,
-                    shard,
-                    &mut shared,
-                    &mut self.queries.borrow_mut(),
-                    cvr,
-                    &hash,
-                    at,
-                ) {
-                    Ok(c) => {
-                        changed |= c;
-                        self.inspect.hydrated(shard, cvr, &hash, started);
+                let mut shared = shard.shared.borrow_mut();
+                shared.catch_up(reader).map_err(|e| {
+                    ProtocolError::new(ErrorKind::Internal, format!("advancing queries: {e}"))
+                })?;
+                let mut changed = self.apply_shared(shard, reader, &mut shared, cvr, at)?;
+                for hash in cvr.expired_queries() {
+                    self.queries.borrow_mut().forget(&hash);
+                    changed |= cvr.remove_query(&hash, at);
+                }
+                // A query the app server now refuses is removed with its rows (zero-cache's
+                // transform errors), and not asked for again until a client puts it again.
+                for hash in &transform_failed {
+                    let mut queries = self.queries.borrow_mut();
+                    queries.mark_failed(hash);
+                    if cvr.queries.get(hash).is_some_and(|q| q.got.is_some()) {
+                        queries.forget(hash);
+                        changed |= cvr.remove_query(hash, at);
                     }
-                    Err(e) => failed.push((hash, e.to_string())),
                 }
+                let pending: Vec<String> = self.queries.borrow().ungot_with_ast(cvr);
+                for hash in pending {
+                    let started = Instant::now();
+                    match eval::evaluate_into(
+                        reader,
+                        shard,
+                        &mut shared,
+                        &mut self.queries.borrow_mut(),
+                        cvr,
+                        &hash,
+                        at,
+                    ) {
+                        Ok(c) => {
+                            changed |= c;
+                            self.inspect.hydrated(shard, cvr, &hash, started);
+                        }
+                        Err(e) => failed.push((hash, e.to_string())),
+                    }
+                }
+                changed |= eval::refresh_mutation_state(reader, &shard.shard_schema, cvr, at)?;
+                Ok(changed)
+            });
+            if !early {
+                break result;
             }
-            changed |= eval::refresh_mutation_state(reader, &shard.shard_schema, cvr, at)?;
-            Ok(changed)
-        });
+            if Instant::now() >= deadline {
+                break Err(ProtocolError::new(
+                    ErrorKind::Rehome,
+                    "the replica holds versions this server has not processed yet; reconnect",
+                ));
+            }
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        };
         if !failed.is_empty() {
             self.report_failed_queries(failed);
         }
