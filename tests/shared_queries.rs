@@ -18,14 +18,12 @@
 //! Two shards run side by side on the same stream: one with a log of a few steps and rows
 //! (so lagging groups and long transactions take copies), one with the default log.
 //!
-//! An advance waits while its snapshot holds versions not yet announced (as
-//! `Group::advance_locked` does). With SHARED_QUERIES_EARLY_JOIN=1, a group now and then also
-//! hydrates (`Group::hydrate`, which does not wait) in a snapshot newer than the versions
-//! noted, and is checked there: today that fails (the shared queries take the snapshot's state
-//! without its changes, so the joining group copies, and later advances keep, older rows).
-//!
-//! SHARED_QUERIES_APPLY=net applies each query's steps as one net diff instead of one after
-//! the other as `eval::catch_up_into` does (see `net_apply`: the latter fails today).
+//! An advance or a join waits while its snapshot holds versions not yet announced (as
+//! `Group::advance_locked` and `Group::hydrate` do: catching up past unannounced versions
+//! would move the shared queries to a state without its changes, which this test found).
+//! A group lacking several steps of a query applies them as one net diff, as
+//! `eval::catch_up_into` does (applied one after the other, an older step could put back old
+//! contents of a row another query of the group reaches: this test found that too).
 //! SHARED_QUERIES_TRACE=1 prints the versions and every catch-up applied.
 //!
 //! Seeded: SHARED_QUERIES_SEED and SHARED_QUERIES_TXNS pick another run.
@@ -601,7 +599,6 @@ struct Stats {
     /// Versions that came without their rows (TRUNCATE, too many rows).
     unlisted_versions: usize,
     /// Hydrations in a snapshot newer than the versions noted.
-    early_joins: usize,
     /// Advances that found the snapshot newer than the versions noted, and waited.
     early: usize,
 }
@@ -609,16 +606,6 @@ struct Stats {
 /// The query `q` of `queries()` is `q{q}` in the CVRs.
 fn hash(q: usize) -> String {
     format!("q{q}")
-}
-
-/// How a group applies the steps its queries lack. By default as `eval::catch_up_into` does:
-/// each query's steps in order, one query after the other. That leaves a row shared by two
-/// queries with old contents when the second query reached it in an older step and left it
-/// later (its older contents overwrite the first query's newer ones, and its removal keeps
-/// them). SHARED_QUERIES_APPLY=net applies each query's steps as one net diff instead (each
-/// key's last entry), which keeps the newest contents.
-fn net_apply() -> bool {
-    std::env::var("SHARED_QUERIES_APPLY").is_ok_and(|v| v == "net")
 }
 
 fn trace() -> bool {
@@ -715,10 +702,10 @@ impl ModelGroup {
                                 .collect::<Vec<_>>()
                         );
                     }
-                    if net_apply() {
+                    {
                         // Each key's last entry only: what a group at `from` lacks, as one
                         // diff (another query's newer contents are not overwritten by an
-                        // older step's, see `net_apply`).
+                        // older step's).
                         let mut net: HashMap<(String, String), _> = HashMap::new();
                         for d in &diffs {
                             stats.diffs_applied += usize::from(!d.is_empty());
@@ -728,11 +715,6 @@ impl ModelGroup {
                         }
                         let net: Vec<_> = net.into_iter().collect();
                         changed |= self.cvr.update_query_rows(&hash(q), &net, at);
-                        continue;
-                    }
-                    for d in diffs {
-                        stats.diffs_applied += usize::from(!d.is_empty());
-                        changed |= self.cvr.update_query_rows(&hash(q), &d, at);
                     }
                 }
                 Catchup::Copy(rows) => {
@@ -1040,50 +1022,6 @@ impl ModelShard {
         reader.end_snapshot().expect("end snapshot");
     }
 
-    /// `Group::hydrate`, which (unlike an advance) does not wait for the versions of its
-    /// snapshot to be announced: catches up, brings its queries there and joins one.
-    fn hydrate_early(
-        &mut self,
-        g: usize,
-        reader: &ReplicaReader,
-        queries: &[(String, Rc<Ast>)],
-        pool: &[usize],
-        rng: &mut Rng,
-        fresh: &mut Fresh,
-    ) {
-        let snapshot = reader.begin_snapshot().expect("snapshot");
-        self.stats.early_joins += usize::from(snapshot > self.last_noted);
-        self.catch_up(reader);
-        let group = &mut self.groups[g];
-        let at = group.cvr.next_data_version(snapshot);
-        let mut changed = group.advance(&mut self.shared, reader, at, &mut self.stats);
-        let free: Vec<usize> = pool
-            .iter()
-            .copied()
-            .filter(|q| !group.held.contains_key(q))
-            .collect();
-        if !free.is_empty() {
-            let q = rng.pick(&free);
-            changed |= group.join(
-                q,
-                &queries[q].1,
-                &mut self.shared,
-                reader,
-                &self.indexes,
-                at,
-            );
-        }
-        if changed {
-            group.cvr.version = at;
-        }
-        let what = format!(
-            "hydrating in a snapshot at {snapshot}, {} noted",
-            self.last_noted
-        );
-        group.check(reader, queries, fresh, &what);
-        reader.end_snapshot().expect("end snapshot");
-    }
-
     /// After a version was noted: some groups advance, others lag; some fall asleep for many
     /// versions (past the short log), and a sleeping group may leave a query.
     fn on_version(
@@ -1125,7 +1063,6 @@ fn run_pipeline(
     txns: usize,
 ) -> Vec<(&'static str, Stats)> {
     let mut rng = Rng(seed);
-    let early_join = std::env::var_os("SHARED_QUERIES_EARLY_JOIN").is_some();
     psql(pg, SCHEMA);
     psql(pg, &initial_data(&mut rng));
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1195,14 +1132,6 @@ fn run_pipeline(
             let (sql, _) = transaction(&mut rng, i);
             let at = commit(pg, &sql);
             let versions = versions_until(&st.rx, at).await;
-            if early_join && rng.chance(1, 8) {
-                // A group hydrating (`Group::hydrate`) in a snapshot that already holds versions
-                // the shard has not been told of yet.
-                for shard in &mut shards {
-                    let g = rng.below(GROUPS as u64) as usize;
-                    shard.hydrate_early(g, &reader, &queries, &pool, &mut rng, &mut fresh);
-                }
-            }
             for v in versions {
                 count += 1;
                 for shard in &mut shards {
