@@ -129,6 +129,11 @@ impl<R: AsyncRead + Unpin> WsReader<R> {
                 _ => 0,
             };
             buf.truncate(filled + n);
+            if polled.is_pending() && buf.is_empty() {
+                // An idle socket keeps no read space: the runtime reads into its own buffer
+                // and copies out on completion, so this one is only needed then.
+                *buf = BytesMut::new();
+            }
             polled
         })
         .await
