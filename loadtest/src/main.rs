@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 use crate::cli::Args;
 use crate::client::{run_client, ClientCtx, ClientSpec};
 use crate::protocol::RowFilter;
-use crate::report::{Config, Latency, Report, RssMib};
+use crate::report::{Config, Latency, ReceiversPerRow, Report, RssMib};
 use crate::rss::RssTrack;
 use crate::stats::Stats;
 use crate::writer::{KeyPool, TokenBook, WriterConfig, WriterShared, KEY_POOL_MAX, TOKEN_BOOK_MAX};
@@ -330,7 +330,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .as_secs_f64()
         .max(1e-3);
     let rate = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / measured_s;
-    let (committed, unseen) = book.unseen_between(start_snap.at, end_snap.at);
+    let delivery = book.delivery_between(start_snap.at, end_snap.at);
     let mut latency = BTreeMap::new();
     latency.insert("connect", Latency::from_hist(&stats.connect.snapshot()));
     latency.insert("hydration", Latency::from_hist(&stats.hydration.snapshot()));
@@ -369,8 +369,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rows_received_per_s: rate(start_snap.rows_put, end_snap.rows_put),
         rows_written_per_s: rate(start_snap.rows_written, end_snap.rows_written),
         txs_written: end_snap.txs.saturating_sub(start_snap.txs),
-        rows_committed_measured: committed,
-        rows_unseen: unseen,
+        rows_committed_measured: delivery.committed,
+        rows_unseen: delivery.unseen,
+        rows_superseded: delivery.superseded,
+        receivers_per_row: ReceiversPerRow::from(&delivery),
         harness_cpu_percent: (end_snap.cpu_ns.saturating_sub(start_snap.cpu_ns) as f64
             / 1e7
             / measured_s)

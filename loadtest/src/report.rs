@@ -51,6 +51,30 @@ pub struct RssMib {
     pub end: Option<f64>,
 }
 
+/// How many clients received each row committed in the measured period (each reception is one
+/// commit->poke sample). With every client watching every written row, min = max = the number
+/// of watching clients; a lower min means some client missed a version.
+#[derive(Debug, Clone, Serialize, Default, PartialEq)]
+pub struct ReceiversPerRow {
+    pub min: u64,
+    pub mean: f64,
+    pub max: u64,
+}
+
+impl From<&crate::writer::Delivery> for ReceiversPerRow {
+    fn from(d: &crate::writer::Delivery) -> ReceiversPerRow {
+        ReceiversPerRow {
+            min: d.receivers_min,
+            mean: if d.committed == 0 {
+                0.0
+            } else {
+                (d.receivers_sum as f64 / d.committed as f64 * 100.0).round() / 100.0
+            },
+            max: d.receivers_max,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub server: String,
@@ -85,6 +109,10 @@ pub struct Report {
     /// Rows committed in the measured period, and how many of them no client received.
     pub rows_committed_measured: u64,
     pub rows_unseen: u64,
+    /// Of the unseen rows, those whose later update some client received (the server folded
+    /// both versions into one poke); rows_unseen - rows_superseded were lost.
+    pub rows_superseded: u64,
+    pub receivers_per_row: ReceiversPerRow,
     /// CPU the harness itself used over the measured period (100 = one core).
     pub harness_cpu_percent: f64,
     pub server_rss_mib: RssMib,
@@ -144,8 +172,14 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "rows committed in the measured period: {}, received by no client: {}",
-            self.rows_committed_measured, self.rows_unseen
+            "rows committed in the measured period: {}, received by no client: {} ({} superseded by a later update of the row)",
+            self.rows_committed_measured, self.rows_unseen, self.rows_superseded
+        );
+        let r = &self.receivers_per_row;
+        let _ = writeln!(
+            out,
+            "receiving clients per row: min {}, mean {:.2}, max {}",
+            r.min, r.mean, r.max
         );
         let _ = writeln!(
             out,
@@ -191,5 +225,27 @@ mod tests {
         assert!((l.max_ms - 1000.0).abs() < 1.0, "{l:?}");
         let empty = Latency::from_hist(&Histogram::<u64>::new(3).unwrap());
         assert_eq!(empty.count, 0);
+    }
+
+    #[test]
+    fn receivers_per_row_from_delivery() {
+        let d = crate::writer::Delivery {
+            committed: 3,
+            unseen: 0,
+            superseded: 0,
+            receivers_min: 99,
+            receivers_max: 100,
+            receivers_sum: 299,
+        };
+        assert_eq!(
+            ReceiversPerRow::from(&d),
+            ReceiversPerRow {
+                min: 99,
+                mean: 99.67,
+                max: 100
+            }
+        );
+        let none = crate::writer::Delivery::default();
+        assert_eq!(ReceiversPerRow::from(&none), ReceiversPerRow::default());
     }
 }
