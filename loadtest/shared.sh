@@ -10,12 +10,13 @@
 #   6z  shared owners on zero-cache 1.9.0 at N = ZC_NS (default "100 300 1000") clients and
 #       groups, the same ramp rate, writes and measurement; stops at the first N it does not
 #       survive (not every client hydrated, a reconnect storm, or no commit->poke sample).
-# Each run prints one "summary" line (and the harness's table); logs and JSON in $OUT
+# Each run prints the harness's table and one "summary" line; the logs (with the harness's
+# progress line every second) and JSON go to $OUT
 # (default /tmp/zcache-shared).
 #   loadtest/shared.sh [6] [7] [6z]      (no argument: all three; build first:
 #                                         cargo build --release --workspace)
 # Env: OUT, ZC_NS, WARMUP6 (60s: the 50 s ramp and the last hydrations), DURATION6 (30s),
-#      CLIENTS6 (10000), WARMUP7 (20s), DURATION7 (30s), and smoke-kit.sh's own variables
+#      CLIENTS6 (10000), WARMUP7 (20s), DURATION7 (30s), DRAIN (60s), and smoke-kit.sh's own variables
 #      (KIT_WORK, ZCACHE_BIN, LOADTEST_BIN, PGPORT, ZERO_PORT, APP_PORT, ZCACHE_PORT, ...).
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -29,6 +30,9 @@ SHARED_QUERY='issuesByOwner={"owner":"u{group%100+1}","limit":20}'
 BROADCAST_QUERY='issuesByStatus={"status":"open","limit":100}'
 # Only title changes: the windows are ordered by created, so every updated row stays in them.
 WRITE_FLAGS=(--write-table issue --write-key id --write-column title)
+# A lagging server delivers the last rows of the period seconds after it: wait for them (the
+# drain ends 2 s after the last commit->poke sample), or the slowest samples are cut off.
+DRAIN_FLAGS=(--drain "${DRAIN:-60s}")
 
 # One socket per client in the harness and one per connection in the server (each its own
 # process): 10,000 of each needs more than the usual 1,024 descriptors.
@@ -69,7 +73,7 @@ workload() {
   rm -f "$json" "$OUT/$name.json"
   echo; echo "=== $name ($server, N=$n) at $(date -u +%FT%TZ), commit $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- src || echo ' (src modified)'), load:$(uptime | sed 's/.*load average://')"
   env SERVERS="$server" CLIENTS="$n" GROUPS_N="$n" "${envs[@]}" \
-    "$ROOT/loadtest/smoke-kit.sh" --quiet "${WRITE_FLAGS[@]}" "$@" >"$log" 2>&1 || rc=$?
+    "$ROOT/loadtest/smoke-kit.sh" "${WRITE_FLAGS[@]}" "${DRAIN_FLAGS[@]}" "$@" >"$log" 2>&1 || rc=$?
   cp "$json" "$OUT/$name.json" 2>/dev/null || { echo "no result for $name (exit $rc); see $log" >&2; tail -20 "$log" >&2; return 1; }
   sed -n '/^loadtest:/,/^errors/p' "$log"
   echo "took $(( SECONDS - t0 )) s; load after:$(uptime | sed 's/.*load average://')"

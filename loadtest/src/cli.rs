@@ -18,8 +18,8 @@ receive) at --write-rate rows/s, setting --write-column to a unique token lt-<se
 the token in the rowsPatch of the poke that carries it.
 
 Timeline: clients start connecting at t=0 and the writer starts as soon as keys are known; \
---warmup later the measured period of --duration starts; then the writer stops, clients get one \
-more second to receive the last pokes, and everything closes.
+--warmup later the measured period of --duration starts; then the writer stops, clients get \
+--drain (1 s) to receive the last pokes, and everything closes.
 
 Which samples count: connect and hydration are recorded for every client whenever it connects \
 (they are one-off per client, so the whole run counts); commit->poke counts only rows committed \
@@ -102,6 +102,13 @@ pub struct Args {
     /// Length of the measured period.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub duration: Duration,
+
+    /// After the measured period the writer stops and clients get this long for the pokes of
+    /// the rows committed in it; a drain longer than 2 s ends early once no commit->poke sample
+    /// has come for 2 s. Raise it when the server lags by seconds, or the last rows' samples
+    /// (the slowest) are cut off.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub drain: Duration,
 
     /// Server process whose RSS is sampled every second from /proc (the process and all its
     /// descendants are summed, which covers zero-cache's worker processes).

@@ -96,6 +96,8 @@ pub struct Report {
     pub config: Config,
     /// Measured seconds (pokes/s etc. divide by this).
     pub measured_s: f64,
+    /// Seconds waited after the measured period for the last pokes (see --drain).
+    pub drained_s: f64,
     pub clients_connected_end: u64,
     pub clients_hydrated: u64,
     pub connects: u64,
@@ -129,12 +131,13 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "loadtest: {} clients in {} groups against {} for {:.1} s (after {:.1} s warm-up); queries: {}",
+            "loadtest: {} clients in {} groups against {} for {:.1} s (after {:.1} s warm-up, then {:.1} s drain); queries: {}",
             c.clients,
             c.groups,
             c.server,
             self.measured_s,
             c.warmup_s,
+            self.drained_s,
             c.queries.join(" ")
         );
         let _ = writeln!(
