@@ -9,11 +9,16 @@
 #   4. the load harness, 10 clients and 20 row updates/s: commit to poke;
 #   5. zcache alone: 10,000 client groups with one live query each (issueById) and 1,000
 #      row updates/s (zero-cache is not run there: 10,000 sockets would only measure its
-#      collapse).
+#      collapse);
+#   6. shared owners (issue 13; loadtest/shared.sh): 10,000 client groups on 100 shared
+#      issuesByOwner queries (limit 20), a 50 s ramp, 200 row updates/s inside the windows, on
+#      zcache; 6z the same on zero-cache at N = 100, 300, 1000 (up to the first it does not survive);
+#   7. broadcast overload (issue 13; loadtest/shared.sh): 1,000 groups on one query
+#      (issuesByStatus open 100), 1,000 row updates/s, on zcache.
 # Prints each workload's side-by-side table; the logs stay in $OUT (default /tmp/zcache-targets).
 #   loadtest/targets.sh            (build first: cargo build --release --workspace)
-# Env: SKIP (workload numbers to leave out, e.g. "1 5"), and smoke-kit.sh's and
-#      compare-kit.sh's own variables.
+# Env: SKIP (workload numbers to leave out, e.g. "1 5 6z"), and smoke-kit.sh's, compare-kit.sh's
+#      and shared.sh's own variables.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/zcache-targets}"; mkdir -p "$OUT"
@@ -40,4 +45,10 @@ run 5 "10,000 client groups, 1,000 row updates/s (zcache)" env SERVERS=zcache CL
   GROUPS_N=10000 WRITE_RATE=1000 WARMUP=25s DURATION=30s QUERY='issueById={"id":"i{group1}"}' \
   "$ROOT/loadtest/smoke-kit.sh" --quiet --connect-rate 500 --tx-size 10 \
   && sed -n '/^latency/,/^errors/p' "$OUT/5.log"
+run 6 "shared owners: 10,000 groups on 100 shared queries, 200 row updates/s (zcache)" \
+  env OUT="$OUT/shared" "$ROOT/loadtest/shared.sh" 6 && grep '^summary' "$OUT/6.log"
+run 7 "broadcast overload: 1,000 groups on one query, 1,000 row updates/s (zcache)" \
+  env OUT="$OUT/shared" "$ROOT/loadtest/shared.sh" 7 && grep '^summary' "$OUT/7.log"
+run 6z "shared owners on zero-cache 1.9.0, N = 100, 300, 1000" \
+  env OUT="$OUT/shared" "$ROOT/loadtest/shared.sh" 6z && grep -E '^summary|did not survive' "$OUT/6z.log"
 echo; echo "logs in $OUT"

@@ -18,8 +18,8 @@ receive) at --write-rate rows/s, setting --write-column to a unique token lt-<se
 the token in the rowsPatch of the poke that carries it.
 
 Timeline: clients start connecting at t=0 and the writer starts as soon as keys are known; \
---warmup later the measured period of --duration starts; then the writer stops, clients get one \
-more second to receive the last pokes, and everything closes.
+--warmup later the measured period of --duration starts; then the writer stops, clients get \
+--drain (1 s) to receive the last pokes, and everything closes.
 
 Which samples count: connect and hydration are recorded for every client whenever it connects \
 (they are one-off per client, so the whole run counts); commit->poke counts only rows committed \
@@ -48,8 +48,10 @@ pub struct Args {
 
     /// A named query as NAME=ARGS_JSON (ARGS_JSON is the single argument object, sent as
     /// args:[ARGS_JSON]; NAME alone sends args:[]). Repeatable. In the JSON's strings,
-    /// `{group}` stands for the group's index (0..M-1) and `{group1}` for its number (1..M),
-    /// so each group can desire a query of its own (e.g. issueById={"id":"i{group1}"}).
+    /// `{group}` stands for the group's index g (0..M-1), `{group1}` for g+1, `{group%N}` for
+    /// g mod N and `{group%N+1}` for (g mod N)+1, so each group can desire a query of its own
+    /// (issueById={"id":"i{group1}"}) or one of N shared ones
+    /// (issuesByOwner={"owner":"u{group%100+1}","limit":20}: 100 owners).
     /// Default: issuesByStatus={"status":"open","limit":100}.
     #[arg(long = "query", value_name = "NAME=JSON", value_parser = parse_query)]
     pub queries: Vec<NamedQuery>,
@@ -100,6 +102,13 @@ pub struct Args {
     /// Length of the measured period.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub duration: Duration,
+
+    /// After the measured period the writer stops and clients get this long for the pokes of
+    /// the rows committed in it; a drain longer than 2 s ends early once no commit->poke sample
+    /// has come for 2 s. Raise it when the server lags by seconds, or the last rows' samples
+    /// (the slowest) are cut off.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub drain: Duration,
 
     /// Server process whose RSS is sampled every second from /proc (the process and all its
     /// descendants are summed, which covers zero-cache's worker processes).
@@ -169,15 +178,16 @@ impl NamedQuery {
         )
     }
 
-    /// The query as group `group` sends it: `{group}` and `{group1}` in its argument strings
-    /// replaced (the hash follows the arguments, so each group's query is its own).
+    /// The query as group `group` sends it: the `{group...}` placeholders in its argument
+    /// strings replaced (see [`expand_group`]; the hash follows the arguments, so each group's
+    /// query is its own).
     pub fn for_group(&self, group: usize) -> NamedQuery {
         fn substitute(v: &Value, group: usize) -> Value {
             match v {
-                Value::String(s) if s.contains("{group") => Value::String(
-                    s.replace("{group1}", &(group + 1).to_string())
-                        .replace("{group}", &group.to_string()),
-                ),
+                // parse_query has checked every placeholder: an error cannot happen here.
+                Value::String(s) if s.contains("{group") => {
+                    Value::String(expand_group(s, group).unwrap_or_else(|_| s.clone()))
+                }
                 Value::Array(items) => {
                     Value::Array(items.iter().map(|i| substitute(i, group)).collect())
                 }
@@ -215,11 +225,60 @@ fn query_hash(name: &str, args: &[Value]) -> String {
     format!("lt{h:016x}")
 }
 
+/// Replaces the group placeholders of one argument string for group index `group` (0..M-1):
+/// `{group}` = the index, `{group1}` = index + 1, `{group%N}` = index mod N and `{group%N+1}` =
+/// (index mod N) + 1 (so `u{group%100+1}` spreads the groups over owners u1..u100, 100 groups
+/// per owner with 10,000 groups). Any other `{group...}` form is an error.
+pub fn expand_group(s: &str, group: usize) -> anyhow::Result<String> {
+    const OPEN: &str = "{group";
+    let mut out = String::with_capacity(s.len() + 8);
+    let mut rest = s;
+    while let Some(at) = rest.find(OPEN) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + OPEN.len()..];
+        let Some(close) = after.find('}') else {
+            bail!("unclosed placeholder in '{s}'");
+        };
+        let spec = &after[..close];
+        let value = if spec.is_empty() {
+            group
+        } else if spec == "1" {
+            group + 1
+        } else if let Some(m) = spec.strip_prefix('%') {
+            let (n, plus_one) = match m.strip_suffix("+1") {
+                Some(n) => (n, true),
+                None => (m, false),
+            };
+            let n: usize = n.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                anyhow!("bad placeholder {{group{spec}}} in '{s}': N must be a positive integer")
+            })?;
+            group % n + usize::from(plus_one)
+        } else {
+            bail!("unknown placeholder {{group{spec}}} in '{s}' (known: {{group}}, {{group1}}, {{group%N}}, {{group%N+1}})");
+        };
+        out.push_str(&value.to_string());
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Checks every placeholder of every string in `v`.
+fn check_placeholders(v: &Value) -> anyhow::Result<()> {
+    match v {
+        Value::String(s) if s.contains("{group") => expand_group(s, 0).map(|_| ()),
+        Value::Array(items) => items.iter().try_for_each(check_placeholders),
+        Value::Object(map) => map.values().try_for_each(check_placeholders),
+        _ => Ok(()),
+    }
+}
+
 pub fn parse_query(s: &str) -> anyhow::Result<NamedQuery> {
     let (name, args) = match s.split_once('=') {
         Some((name, json)) => {
             let v: Value = serde_json::from_str(json)
                 .with_context(|| format!("query args of '{name}' are not JSON: {json}"))?;
+            check_placeholders(&v)?;
             (name.trim(), vec![v])
         }
         None => (s.trim(), Vec::new()),
@@ -326,6 +385,49 @@ mod tests {
             plain,
             "no placeholder: the same query for all"
         );
+    }
+
+    #[test]
+    fn modulo_placeholders_spread_groups_over_n_values() {
+        assert_eq!(expand_group("u{group%100+1}", 0).unwrap(), "u1");
+        assert_eq!(expand_group("u{group%100+1}", 99).unwrap(), "u100");
+        assert_eq!(expand_group("u{group%100+1}", 100).unwrap(), "u1");
+        assert_eq!(expand_group("u{group%100+1}", 9_999).unwrap(), "u100");
+        assert_eq!(expand_group("{group%7}", 15).unwrap(), "1");
+        assert_eq!(expand_group("{group%1}", 15).unwrap(), "0");
+        assert_eq!(
+            expand_group("a{group}-{group1}-{group%3}-{group%3+1}z", 4).unwrap(),
+            "a4-5-1-2z"
+        );
+        assert_eq!(expand_group("plain {grou}", 4).unwrap(), "plain {grou}");
+        for bad in [
+            "{group%0}",
+            "{group%x}",
+            "{group%}",
+            "{group2}",
+            "{group",
+            "{group%5+2}",
+        ] {
+            assert!(expand_group(bad, 1).is_err(), "{bad}");
+            let spec = format!(r#"q={{"a":"{}"}}"#, bad.replace('"', ""));
+            assert!(parse_query(&spec).is_err(), "{spec}");
+        }
+
+        // 10,000 groups over 100 owners: 100 groups on each owner's query, one hash per owner.
+        let q = parse_query(r#"issuesByOwner={"owner":"u{group%100+1}","limit":20}"#).unwrap();
+        let mut per_owner: std::collections::HashMap<String, (String, usize)> = Default::default();
+        for g in 0..10_000 {
+            let gq = q.for_group(g);
+            let owner = gq.args[0]["owner"].as_str().unwrap().to_string();
+            assert_eq!(gq.args[0]["limit"], 20);
+            let e = per_owner.entry(owner).or_insert((gq.hash.clone(), 0));
+            assert_eq!(e.0, gq.hash, "groups of one owner send the same query");
+            e.1 += 1;
+        }
+        assert_eq!(per_owner.len(), 100);
+        assert!(per_owner.values().all(|(_, n)| *n == 100));
+        assert_eq!(per_owner["u1"].0, q.for_group(100).hash);
+        assert_ne!(per_owner["u1"].0, per_owner["u2"].0);
     }
 
     #[test]

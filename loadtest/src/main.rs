@@ -24,13 +24,14 @@ use tokio::task::JoinSet;
 use crate::cli::Args;
 use crate::client::{run_client, ClientCtx, ClientSpec};
 use crate::protocol::RowFilter;
-use crate::report::{Config, Latency, Report, RssMib};
+use crate::report::{Config, Latency, ReceiversPerRow, Report, RssMib};
 use crate::rss::RssTrack;
 use crate::stats::Stats;
 use crate::writer::{KeyPool, TokenBook, WriterConfig, WriterShared, KEY_POOL_MAX, TOKEN_BOOK_MAX};
 
-/// After the measured period the writer stops and clients get this long for the last pokes.
-const DRAIN: Duration = Duration::from_secs(1);
+/// After the measured period the writer stops and clients get `--drain` for the last pokes; a
+/// drain longer than this ends once no commit->poke sample has come for this long.
+const DRAIN_QUIET: Duration = Duration::from_secs(2);
 /// How long closing clients may take before their tasks are aborted.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -191,6 +192,33 @@ async fn launch_clients(
     }
 }
 
+/// Whether the drain is over: `max` has passed, or (past [`DRAIN_QUIET`]) no commit->poke
+/// sample has come for [`DRAIN_QUIET`]. A drain of at most `DRAIN_QUIET` is a plain wait.
+fn drain_done(elapsed: Duration, since_last_sample: Duration, max: Duration) -> bool {
+    elapsed >= max || (elapsed >= DRAIN_QUIET && since_last_sample >= DRAIN_QUIET)
+}
+
+/// Waits for the pokes of rows committed in the measured period (see [`drain_done`]); returns
+/// how long it waited.
+async fn drain(stats: &Stats, max: Duration) -> Duration {
+    let start = Instant::now();
+    let mut seen = stats.token_matches.get();
+    let mut last_sample = start;
+    loop {
+        let now = Instant::now();
+        let m = stats.token_matches.get();
+        if m != seen {
+            seen = m;
+            last_sample = now;
+        }
+        let elapsed = now.duration_since(start);
+        if drain_done(elapsed, now.duration_since(last_sample), max) {
+            return elapsed;
+        }
+        tokio::time::sleep(Duration::from_millis(100).min(max - elapsed)).await;
+    }
+}
+
 fn p50_ms(h: &stats::LatencyHist) -> String {
     let h = h.lock();
     if h.is_empty() {
@@ -318,7 +346,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(w) = writer_task {
         let _ = w.await;
     }
-    tokio::time::sleep(DRAIN).await;
+    let drained = drain(&stats, args.drain).await;
     let connected_end = stats.open.get();
     let _ = stop_clients.send(true);
     let _ = launcher.await;
@@ -330,7 +358,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .as_secs_f64()
         .max(1e-3);
     let rate = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / measured_s;
-    let (committed, unseen) = book.unseen_between(start_snap.at, end_snap.at);
+    let delivery = book.delivery_between(start_snap.at, end_snap.at);
     let mut latency = BTreeMap::new();
     latency.insert("connect", Latency::from_hist(&stats.connect.snapshot()));
     latency.insert("hydration", Latency::from_hist(&stats.hydration.snapshot()));
@@ -359,6 +387,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             server_pid: args.server_pid,
         },
         measured_s,
+        drained_s: (drained.as_secs_f64() * 10.0).round() / 10.0,
         clients_connected_end: connected_end,
         clients_hydrated: stats.hydrated.get(),
         connects: stats.connects.get(),
@@ -369,8 +398,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rows_received_per_s: rate(start_snap.rows_put, end_snap.rows_put),
         rows_written_per_s: rate(start_snap.rows_written, end_snap.rows_written),
         txs_written: end_snap.txs.saturating_sub(start_snap.txs),
-        rows_committed_measured: committed,
-        rows_unseen: unseen,
+        rows_committed_measured: delivery.committed,
+        rows_unseen: delivery.unseen,
+        rows_superseded: delivery.superseded,
+        receivers_per_row: ReceiversPerRow::from(&delivery),
         harness_cpu_percent: (end_snap.cpu_ns.saturating_sub(start_snap.cpu_ns) as f64
             / 1e7
             / measured_s)
@@ -397,7 +428,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::base36;
+    use super::{base36, drain_done};
+    use std::time::Duration;
+
+    #[test]
+    fn drain_ends_at_max_or_after_a_quiet_spell() {
+        let s = Duration::from_secs;
+        let ms = Duration::from_millis;
+        // The default 1 s: a plain wait, samples or not.
+        assert!(!drain_done(ms(900), s(5), s(1)));
+        assert!(drain_done(s(1), ms(0), s(1)));
+        // A long drain: on while samples come, over after 2 s without one, or at the cap.
+        assert!(!drain_done(ms(1500), ms(1500), s(60)));
+        assert!(!drain_done(s(20), ms(300), s(60)));
+        assert!(drain_done(s(20), s(2), s(60)));
+        assert!(drain_done(s(60), ms(1), s(60)));
+    }
 
     #[test]
     fn base36_digits() {

@@ -51,6 +51,30 @@ pub struct RssMib {
     pub end: Option<f64>,
 }
 
+/// How many clients received each row committed in the measured period (each reception is one
+/// commit->poke sample). With every client watching every written row, min = max = the number
+/// of watching clients; a lower min means some client missed a version.
+#[derive(Debug, Clone, Serialize, Default, PartialEq)]
+pub struct ReceiversPerRow {
+    pub min: u64,
+    pub mean: f64,
+    pub max: u64,
+}
+
+impl From<&crate::writer::Delivery> for ReceiversPerRow {
+    fn from(d: &crate::writer::Delivery) -> ReceiversPerRow {
+        ReceiversPerRow {
+            min: d.receivers_min,
+            mean: if d.committed == 0 {
+                0.0
+            } else {
+                (d.receivers_sum as f64 / d.committed as f64 * 100.0).round() / 100.0
+            },
+            max: d.receivers_max,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub server: String,
@@ -72,6 +96,8 @@ pub struct Report {
     pub config: Config,
     /// Measured seconds (pokes/s etc. divide by this).
     pub measured_s: f64,
+    /// Seconds waited after the measured period for the last pokes (see --drain).
+    pub drained_s: f64,
     pub clients_connected_end: u64,
     pub clients_hydrated: u64,
     pub connects: u64,
@@ -85,6 +111,10 @@ pub struct Report {
     /// Rows committed in the measured period, and how many of them no client received.
     pub rows_committed_measured: u64,
     pub rows_unseen: u64,
+    /// Of the unseen rows, those whose later update some client received (the server folded
+    /// both versions into one poke); rows_unseen - rows_superseded were lost.
+    pub rows_superseded: u64,
+    pub receivers_per_row: ReceiversPerRow,
     /// CPU the harness itself used over the measured period (100 = one core).
     pub harness_cpu_percent: f64,
     pub server_rss_mib: RssMib,
@@ -101,12 +131,13 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "loadtest: {} clients in {} groups against {} for {:.1} s (after {:.1} s warm-up); queries: {}",
+            "loadtest: {} clients in {} groups against {} for {:.1} s (after {:.1} s warm-up, then {:.1} s drain); queries: {}",
             c.clients,
             c.groups,
             c.server,
             self.measured_s,
             c.warmup_s,
+            self.drained_s,
             c.queries.join(" ")
         );
         let _ = writeln!(
@@ -144,8 +175,14 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "rows committed in the measured period: {}, received by no client: {}",
-            self.rows_committed_measured, self.rows_unseen
+            "rows committed in the measured period: {}, received by no client: {} ({} superseded by a later update of the row)",
+            self.rows_committed_measured, self.rows_unseen, self.rows_superseded
+        );
+        let r = &self.receivers_per_row;
+        let _ = writeln!(
+            out,
+            "receiving clients per row: min {}, mean {:.2}, max {}",
+            r.min, r.mean, r.max
         );
         let _ = writeln!(
             out,
@@ -191,5 +228,27 @@ mod tests {
         assert!((l.max_ms - 1000.0).abs() < 1.0, "{l:?}");
         let empty = Latency::from_hist(&Histogram::<u64>::new(3).unwrap());
         assert_eq!(empty.count, 0);
+    }
+
+    #[test]
+    fn receivers_per_row_from_delivery() {
+        let d = crate::writer::Delivery {
+            committed: 3,
+            unseen: 0,
+            superseded: 0,
+            receivers_min: 99,
+            receivers_max: 100,
+            receivers_sum: 299,
+        };
+        assert_eq!(
+            ReceiversPerRow::from(&d),
+            ReceiversPerRow {
+                min: 99,
+                mean: 99.67,
+                max: 100
+            }
+        );
+        let none = crate::writer::Delivery::default();
+        assert_eq!(ReceiversPerRow::from(&none), ReceiversPerRow::default());
     }
 }

@@ -42,16 +42,30 @@ impl Rng {
 }
 
 /// Keys of write-table rows seen in pokes, bounded by [`KEY_POOL_MAX`].
+///
+/// Keys are picked in shuffled rounds: every key once (in random order) before any key again,
+/// so two updates of one row are as far apart as the pool allows (pool size / rows per s; e.g.
+/// 2,000 keys at 200 rows/s: 10 s). A server that coalesces versions for a lagging client then
+/// rarely folds two tokens of a row into one poke, which would cost the earlier token its
+/// samples (reported as `rows_superseded`).
 pub struct KeyPool {
-    inner: Mutex<(Vec<String>, HashSet<String>)>,
+    inner: Mutex<PoolInner>,
     len: AtomicUsize,
     cap: usize,
+}
+
+#[derive(Default)]
+struct PoolInner {
+    list: Vec<String>,
+    set: HashSet<String>,
+    /// The current round: indices into `list` still to be picked, taken from the end.
+    round: Vec<usize>,
 }
 
 impl KeyPool {
     pub fn new(cap: usize) -> KeyPool {
         KeyPool {
-            inner: Mutex::new((Vec::new(), HashSet::new())),
+            inner: Mutex::new(PoolInner::default()),
             len: AtomicUsize::new(0),
             cap,
         }
@@ -69,7 +83,7 @@ impl KeyPool {
 
     pub fn add(&self, keys: impl IntoIterator<Item = String>) {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let (list, set) = &mut *g;
+        let PoolInner { list, set, .. } = &mut *g;
         for k in keys {
             if list.len() >= self.cap {
                 break;
@@ -82,17 +96,30 @@ impl KeyPool {
         debug_assert!(list.len() <= self.cap);
     }
 
-    /// Up to `n` distinct keys chosen at random.
+    /// Up to `n` distinct keys, the next ones of the current shuffled round (a new round, over
+    /// every key known by then, starts when one ends).
     pub fn pick(&self, n: usize, rng: &mut Rng) -> Vec<String> {
-        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let list = &g.0;
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let PoolInner { list, round, .. } = &mut *g;
         if list.is_empty() {
             return Vec::new();
         }
         let want = n.min(list.len());
-        let mut chosen = HashSet::with_capacity(want);
+        let mut chosen: Vec<usize> = Vec::with_capacity(want);
         while chosen.len() < want {
-            chosen.insert(rng.below(list.len()));
+            if round.is_empty() {
+                round.extend(0..list.len());
+                // Fisher-Yates.
+                for i in (1..round.len()).rev() {
+                    round.swap(i, rng.below(i + 1));
+                }
+            }
+            if let Some(i) = round.pop() {
+                // A round boundary inside one transaction: a key may not come twice in it.
+                if !chosen.contains(&i) {
+                    chosen.push(i);
+                }
+            }
         }
         chosen.into_iter().map(|i| list[i].clone()).collect()
     }
@@ -101,12 +128,33 @@ impl KeyPool {
 struct Entry {
     committed_at: Instant,
     receivers: u32,
+    /// The row the token was written to (shared by every token of that row).
+    key: Arc<str>,
 }
 
-/// Token sequence number -> the moment its COMMIT was sent, bounded by [`TOKEN_BOOK_MAX`].
+/// Token sequence number -> the moment its COMMIT was sent, the row it went to and how many
+/// clients received it, bounded by [`TOKEN_BOOK_MAX`].
 pub struct TokenBook {
     inner: Mutex<(HashMap<u64, Entry>, VecDeque<u64>)>,
     cap: usize,
+}
+
+/// What became of the rows committed in the measured period.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Delivery {
+    /// Rows (tokens) committed in the period.
+    pub committed: u64,
+    /// Of those, received by no client.
+    pub unseen: u64,
+    /// Of the unseen, rows whose later token (a later update of the same row) some client
+    /// received: the server folded both versions into one poke, so the earlier value was never
+    /// on the wire. The rest (unseen - superseded) are lost updates.
+    pub superseded: u64,
+    /// Receiving clients per row (one commit->poke sample each): fewest, most, and the sum
+    /// (= the commit->poke sample count).
+    pub receivers_min: u64,
+    pub receivers_max: u64,
+    pub receivers_sum: u64,
 }
 
 /// What a client learns when it finds a token.
@@ -123,7 +171,7 @@ impl TokenBook {
         }
     }
 
-    pub fn insert(&self, seq: u64, committed_at: Instant) {
+    pub fn insert(&self, seq: u64, committed_at: Instant, key: Arc<str>) {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let (map, order) = &mut *g;
         while order.len() >= self.cap {
@@ -136,6 +184,7 @@ impl TokenBook {
             Entry {
                 committed_at,
                 receivers: 0,
+                key,
             },
         );
         order.push_back(seq);
@@ -153,20 +202,41 @@ impl TokenBook {
         })
     }
 
-    /// Tokens committed inside `[from, to)` that no client has received.
-    pub fn unseen_between(&self, from: Instant, to: Instant) -> (u64, u64) {
+    /// What became of the tokens committed inside `[from, to)`.
+    pub fn delivery_between(&self, from: Instant, to: Instant) -> Delivery {
         let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let mut total = 0;
-        let mut unseen = 0;
-        for e in g.0.values() {
-            if e.committed_at >= from && e.committed_at < to {
-                total += 1;
-                if e.receivers == 0 {
-                    unseen += 1;
+        // The newest received token of each row, over the whole book.
+        let mut newest_seen: HashMap<&str, u64> = HashMap::new();
+        for (&seq, e) in &g.0 {
+            if e.receivers > 0 {
+                let s = newest_seen.entry(&e.key).or_insert(seq);
+                *s = (*s).max(seq);
+            }
+        }
+        let mut d = Delivery {
+            receivers_min: u64::MAX,
+            ..Delivery::default()
+        };
+        for (&seq, e) in &g.0 {
+            if e.committed_at < from || e.committed_at >= to {
+                continue;
+            }
+            let n = u64::from(e.receivers);
+            d.committed += 1;
+            d.receivers_min = d.receivers_min.min(n);
+            d.receivers_max = d.receivers_max.max(n);
+            d.receivers_sum += n;
+            if n == 0 {
+                d.unseen += 1;
+                if newest_seen.get(&*e.key).is_some_and(|&s| s > seq) {
+                    d.superseded += 1;
                 }
             }
         }
-        (total, unseen)
+        if d.committed == 0 {
+            d.receivers_min = 0;
+        }
+        d
     }
 }
 
@@ -322,17 +392,18 @@ async fn write_tx(
         .collect();
     let updates = params.iter().map(|p| tx.execute(stmt, p));
     let counts = futures_util::future::try_join_all(updates).await?;
-    let written: Vec<u64> = seqs
+    let written: Vec<(u64, &String)> = seqs
         .iter()
+        .zip(keys)
         .zip(counts)
         .filter(|(_, n)| *n > 0)
-        .map(|(&s, _)| s)
+        .map(|((&s, k), _)| (s, k))
         .collect();
     // Registered before COMMIT is sent: no client can see the row earlier, and the entry must
     // exist before a poke could carry it.
     let commit_sent = Instant::now();
-    for &s in &written {
-        shared.book.insert(s, commit_sent);
+    for &(s, k) in &written {
+        shared.book.insert(s, commit_sent, Arc::from(k.as_str()));
     }
     tx.commit().await?;
     if shared.stats.in_measured_period(commit_sent) {
@@ -365,13 +436,58 @@ mod tests {
         assert!(KeyPool::new(3).pick(2, &mut rng).is_empty());
     }
 
+    /// Every key once per round: with 2,000 keys picked one by one, a key comes back only after
+    /// the rest of its round and at most all of the next (gap 1..=3,999 picks, mostly ~2,000),
+    /// and transactions never repeat a key, also across a round boundary.
+    #[test]
+    fn keys_are_picked_in_shuffled_rounds() {
+        let pool = KeyPool::new(KEY_POOL_MAX);
+        pool.add((0..2000).map(|i| format!("i{i}")));
+        let mut rng = Rng::new(42);
+        let mut last: HashMap<String, usize> = HashMap::new();
+        let mut gaps = Vec::new();
+        for n in 0..10_000 {
+            let k = pool.pick(1, &mut rng).pop().unwrap();
+            if let Some(prev) = last.insert(k, n) {
+                gaps.push(n - prev);
+            }
+        }
+        assert_eq!(last.len(), 2000, "every key is picked");
+        assert_eq!(gaps.len(), 8000);
+        assert!(gaps.iter().all(|&g| (1..4000).contains(&g)));
+        let near = gaps.iter().filter(|&&g| g < 200).count();
+        assert!(near < 100, "{near} of 8000 repeats within 200 picks");
+        // Rounds of 7 keys in transactions of 3: never a key twice in one transaction, and
+        // each key comes up about equally often.
+        let small = KeyPool::new(10);
+        small.add((0..7).map(|i| format!("k{i}")));
+        let mut count: HashMap<String, usize> = HashMap::new();
+        for _ in 0..700 {
+            let tx = small.pick(3, &mut rng);
+            assert_eq!(tx.len(), 3);
+            assert_eq!(tx.iter().collect::<HashSet<_>>().len(), 3, "{tx:?}");
+            for k in tx {
+                *count.entry(k).or_default() += 1;
+            }
+        }
+        assert!(
+            count.values().all(|&c| (290..=310).contains(&c)),
+            "{count:?}"
+        );
+        // Keys added mid-way join the next round.
+        small.add(["k7".to_string()]);
+        let seen: HashSet<String> = (0..20).flat_map(|_| small.pick(1, &mut rng)).collect();
+        assert!(seen.contains("k7"));
+    }
+
     #[test]
     fn token_book_matches_and_forgets_oldest() {
         let book = TokenBook::new(2);
         let t0 = Instant::now();
-        book.insert(1, t0);
-        book.insert(2, t0 + Duration::from_millis(1));
-        book.insert(3, t0 + Duration::from_millis(2));
+        let k: Arc<str> = Arc::from("i1");
+        book.insert(1, t0, k.clone());
+        book.insert(2, t0 + Duration::from_millis(1), k.clone());
+        book.insert(3, t0 + Duration::from_millis(2), Arc::from("i2"));
         assert_eq!(book.matched(1), None);
         assert_eq!(
             book.matched(2),
@@ -380,8 +496,48 @@ mod tests {
             })
         );
         assert_eq!(book.matched(99), None);
-        let (total, unseen) = book.unseen_between(t0, t0 + Duration::from_secs(1));
-        assert_eq!((total, unseen), (2, 1));
+        let d = book.delivery_between(t0, t0 + Duration::from_secs(1));
+        assert_eq!((d.committed, d.unseen, d.superseded), (2, 1, 0));
+    }
+
+    /// Receivers per row, and unseen rows told apart: superseded (a later token of the same row
+    /// was received) or lost.
+    #[test]
+    fn delivery_counts_receivers_and_superseded_rows() {
+        let book = TokenBook::new(100);
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) =
+            (Arc::from("a"), Arc::from("b"), Arc::from("c"));
+        book.insert(1, at(0), a.clone()); // before the period: not counted
+        book.insert(2, at(10), a.clone()); // unseen, superseded by 3
+        book.insert(3, at(20), a.clone()); // 3 receivers
+        book.insert(4, at(30), b.clone()); // unseen and lost (no later token of b seen)
+        book.insert(5, at(40), c.clone()); // 2 receivers
+        book.insert(6, at(50), c.clone()); // unseen, nothing later: lost
+        book.insert(7, at(200), b.clone()); // after the period, but received: supersedes 4
+        for _ in 0..3 {
+            book.matched(3).unwrap();
+        }
+        book.matched(5).unwrap();
+        book.matched(5).unwrap();
+        book.matched(1).unwrap();
+        let d = book.delivery_between(at(5), at(100));
+        assert_eq!(
+            d,
+            Delivery {
+                committed: 5,
+                unseen: 3,
+                superseded: 1,
+                receivers_min: 0,
+                receivers_max: 3,
+                receivers_sum: 5,
+            }
+        );
+        book.matched(7).unwrap();
+        let d = book.delivery_between(at(5), at(100));
+        assert_eq!((d.unseen, d.superseded), (3, 2));
+        assert_eq!(book.delivery_between(at(300), at(400)), Delivery::default());
     }
 
     #[test]
