@@ -685,8 +685,9 @@ impl ModelGroup {
         let mut changed = false;
         for (&q, handle) in &self.held {
             let catchup = shared
-                .since(&handle.key, from, reader)
-                .unwrap_or_else(|e| panic!("{}: since({from}) of q{q}: {e}", self.name));
+                .since(&handle.key, from, Some(reader))
+                .unwrap_or_else(|e| panic!("{}: since({from}) of q{q}: {e}", self.name))
+                .expect("with a reader, a catch-up is always known");
             match catchup {
                 Catchup::Steps(diffs) => {
                     if trace() {

@@ -35,6 +35,9 @@ pub struct GroupQueries {
     /// Legacy AST queries: their executable AST is the client's with the read permissions
     /// bound to the group's auth, so a new token or new permissions transform them again.
     legacy: std::collections::HashSet<String>,
+    /// Bumped whenever what the queries read may have changed (the routes are re-registered
+    /// only then).
+    generation: u64,
 }
 
 /// Every table an AST reads: its own, its related subqueries' and its EXISTS subqueries'.
@@ -101,7 +104,13 @@ impl GroupQueries {
         out
     }
 
+    /// Changes whenever what the queries read may have.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     fn insert(&mut self, hash: &str, ast: Ast) {
+        self.generation += 1;
         let mut tables = BTreeSet::new();
         ast_tables(&ast, &mut tables);
         self.tables.insert(hash.to_string(), tables);
@@ -178,6 +187,7 @@ impl GroupQueries {
     }
 
     pub fn forget(&mut self, hash: &str) {
+        self.generation += 1;
         self.stale.remove(hash);
         self.legacy.remove(hash);
         self.live.remove(hash);
@@ -275,33 +285,34 @@ pub fn evaluate_into(
     let handle = shared.acquire(&ast, reader, &shard.index_requests)?;
     let rows = shared.rows(&handle.key, reader)?;
     queries.live.insert(hash.to_string(), handle);
+    queries.generation += 1;
     Ok(cvr.set_query_rows(hash, &rows, at))
 }
 
-/// Brings one got query's CVR rows from the group's state to the shared one: the diffs of
-/// the steps between, or a copy of the current result when the log does not reach back.
-pub fn catch_up_into(
-    reader: &ReplicaReader,
+/// What one got query lacks to be at the shared queries' state (None: it takes reading the
+/// replica, and `reader` is None). A query whose shared query failed is let go: it is
+/// hydrated anew at the next chance.
+pub fn catch_up_of(
+    reader: Option<&ReplicaReader>,
     shared: &mut SharedQueries,
     queries: &mut GroupQueries,
-    cvr: &mut Cvr,
     hash: &str,
     from: u64,
-    at: Version,
-) -> Result<bool, crate::zql::error::ZqlError> {
+) -> Result<Option<Catchup>, crate::zql::error::ZqlError> {
     let Some(handle) = queries.live.get(hash) else {
-        return Ok(false);
+        return Ok(Some(Catchup::Steps(Vec::new())));
     };
     let result = shared.since(&handle.key, from, reader);
-    let catchup = match result {
-        Ok(c) => c,
-        Err(e) => {
-            // Its state is not to be trusted any more: hydrated anew at the next chance.
-            queries.live.remove(hash);
-            return Err(e);
-        }
-    };
-    Ok(match catchup {
+    if result.is_err() {
+        queries.live.remove(hash);
+        queries.generation += 1;
+    }
+    result
+}
+
+/// Applies a query's catch-up to the CVR.
+pub fn apply_catch_up(cvr: &mut Cvr, hash: &str, catchup: Catchup, at: Version) -> bool {
+    match catchup {
         Catchup::Steps(diffs) => match diffs.as_slice() {
             [] => false,
             [one] => cvr.update_query_rows(hash, one, at),
@@ -312,7 +323,7 @@ pub fn catch_up_into(
             many => cvr.update_query_rows(hash, &net_diff(many), at),
         },
         Catchup::Copy(rows) => cvr.set_query_rows(hash, &rows, at),
-    })
+    }
 }
 
 /// Several steps' diffs of one query as one: each touched row once, as the last step left it.

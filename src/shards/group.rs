@@ -37,6 +37,8 @@ pub struct Group {
     pending: RefCell<Pending>,
     /// The shared queries' state this group's query rows are at (`shared`).
     shared_state: Cell<u64>,
+    /// The queries' generation the shard's routes were last given (None: never).
+    routes_generation: Cell<Option<u64>>,
     /// The replica commit of the oldest pending version that came while a socket was open
     /// (the poke latency metric's start).
     pending_since: Cell<Option<Instant>>,
@@ -97,6 +99,7 @@ impl Group {
             lock: glommio::sync::Semaphore::new(1),
             pending: RefCell::new(Pending::tables_only()),
             shared_state: Cell::new(0),
+            routes_generation: Cell::new(None),
             pending_since: Cell::new(None),
             persist: RefCell::new(None),
             loaded: std::cell::Cell::new(false),
@@ -556,7 +559,9 @@ impl Group {
                 shared.catch_up(reader).map_err(|e| {
                     ProtocolError::new(ErrorKind::Internal, format!("advancing queries: {e}"))
                 })?;
-                let mut changed = self.apply_shared(shard, reader, &mut shared, cvr, at)?;
+                let mut changed = self
+                    .apply_shared(shard, Some(reader), &mut shared, cvr, at)?
+                    .unwrap_or_default();
                 for hash in cvr.expired_queries() {
                     self.queries.borrow_mut().forget(&hash);
                     changed |= cvr.remove_query(&hash, at);
@@ -615,6 +620,10 @@ impl Group {
     /// Registers what the group's queries and its mutation state read with the shard's
     /// routes, which decide the versions the group hears of.
     pub fn sync_routes(&self, shard: &Shard) {
+        let generation = self.queries.borrow().generation();
+        if self.routes_generation.replace(Some(generation)) == Some(generation) {
+            return; // the same queries read the same rows
+        }
         let mut interests = std::collections::BTreeSet::new();
         self.queries
             .borrow()
@@ -695,27 +704,24 @@ impl Group {
     fn apply_shared(
         &self,
         shard: &Shard,
-        reader: &crate::sqlite::ReplicaReader,
+        reader: Option<&crate::sqlite::ReplicaReader>,
         shared: &mut super::shared::SharedQueries,
         cvr: &mut Cvr,
         at: Version,
-    ) -> GroupResult<bool> {
+    ) -> GroupResult<Option<bool>> {
         let from = self.shared_state.get();
         let to = shared.state();
         if from == to {
-            return Ok(false);
+            return Ok(Some(false));
         }
-        let mut changed = false;
         let mut queries = self.queries.borrow_mut();
         let hashes: Vec<String> = queries.handles().map(|(h, _)| h.clone()).collect();
+        // Everything first: nothing is applied when a copy turns out to need the replica.
+        let mut catchups = Vec::with_capacity(hashes.len());
         for hash in hashes {
-            let started = Instant::now();
-            match eval::catch_up_into(reader, shared, &mut queries, cvr, &hash, from, at) {
-                Ok(true) => {
-                    changed = true;
-                    self.inspect.updated(shard, cvr, &hash, started);
-                }
-                Ok(false) => {}
+            match eval::catch_up_of(reader, shared, &mut queries, &hash, from) {
+                Ok(Some(c)) => catchups.push((hash, c)),
+                Ok(None) => return Ok(None),
                 // The client's view would silently go stale: end the sockets instead.
                 Err(e) => {
                     return Err(ProtocolError::new(
@@ -725,7 +731,33 @@ impl Group {
                 }
             }
         }
+        drop(queries);
+        let mut changed = false;
+        for (hash, catchup) in catchups {
+            let started = Instant::now();
+            if eval::apply_catch_up(cvr, &hash, catchup, at) {
+                changed = true;
+                self.inspect.updated(shard, cvr, &hash, started);
+            }
+        }
         self.shared_state.set(to);
+        Ok(Some(changed))
+    }
+
+    /// Without a snapshot: brings the group's queries to the shared queries' state when
+    /// they are caught up with every announced version and nothing but query rows changed
+    /// for the group. None when that needs the replica (the caller opens a snapshot).
+    fn advance_without_snapshot(&self, shard: &Shard) -> GroupResult<Option<bool>> {
+        let mut shared = shard.shared.borrow_mut();
+        if shared.state() < shard.last_version.get() {
+            return Ok(None);
+        }
+        let mut cvr = self.cvr.borrow_mut();
+        let at = cvr.next_data_version(shared.state());
+        let changed = self.apply_shared(shard, None, &mut shared, &mut cvr, at)?;
+        if changed == Some(true) {
+            cvr.version = at;
+        }
         Ok(changed)
     }
 
@@ -742,30 +774,41 @@ impl Group {
         }
         let started = Instant::now();
         let mutation_tables = format!("{}.", shard.shard_schema);
+        let mutation_state = pending
+            .tables
+            .iter()
+            .any(|t| t.starts_with(&mutation_tables));
+        // Most groups a version concerns find the shared queries caught up by the first of
+        // them: they only apply the diffs, with no snapshot opened.
+        let fast = match mutation_state {
+            false => self.advance_without_snapshot(shard)?,
+            true => None,
+        };
         let mut early = false;
-        let changed = self.in_snapshot(shard, |reader, cvr, at| {
-            if reader.snapshot_watermark() > shard.last_version.get() {
-                // Newer versions are committed but not yet announced: their rows (and the
-                // rows a mutation's lastMutationID goes with) come with them, and this
-                // advance would show half of them. Their announcement advances again.
-                early = true;
-                return Ok(false);
-            }
-            let mut shared = shard.shared.borrow_mut();
-            shared.catch_up(reader).map_err(|e| {
-                ProtocolError::new(ErrorKind::Internal, format!("advancing queries: {e}"))
-            })?;
-            let mut changed = self.apply_shared(shard, reader, &mut shared, cvr, at)?;
-            drop(shared);
-            if pending
-                .tables
-                .iter()
-                .any(|t| t.starts_with(&mutation_tables))
-            {
-                changed |= eval::refresh_mutation_state(reader, &shard.shard_schema, cvr, at)?;
-            }
-            Ok(changed)
-        })?;
+        let changed = match fast {
+            Some(changed) => changed,
+            None => self.in_snapshot(shard, |reader, cvr, at| {
+                if reader.snapshot_watermark() > shard.last_version.get() {
+                    // Newer versions are committed but not yet announced: their rows (and the
+                    // rows a mutation's lastMutationID goes with) come with them, and this
+                    // advance would show half of them. Their announcement advances again.
+                    early = true;
+                    return Ok(false);
+                }
+                let mut shared = shard.shared.borrow_mut();
+                shared.catch_up(reader).map_err(|e| {
+                    ProtocolError::new(ErrorKind::Internal, format!("advancing queries: {e}"))
+                })?;
+                let mut changed = self
+                    .apply_shared(shard, Some(reader), &mut shared, cvr, at)?
+                    .unwrap_or_default();
+                drop(shared);
+                if mutation_state {
+                    changed |= eval::refresh_mutation_state(reader, &shard.shard_schema, cvr, at)?;
+                }
+                Ok(changed)
+            })?,
+        };
         if early {
             self.pending.borrow_mut().restore(pending);
             shard.advance_at_next_version(&self.id);

@@ -284,13 +284,15 @@ impl SharedQueries {
         Ok(rows)
     }
 
-    /// What a group at state `from` must apply to `key`'s rows to be at `state`.
+    /// What a group at state `from` must apply to `key`'s rows to be at `state`. Without a
+    /// reader (no snapshot open), None when that takes reading the replica (a copy not made
+    /// yet).
     pub fn since(
         &mut self,
         key: &str,
         from: u64,
-        reader: &ReplicaReader,
-    ) -> Result<Catchup, ZqlError> {
+        reader: Option<&ReplicaReader>,
+    ) -> Result<Option<Catchup>, ZqlError> {
         let entry = self
             .entries
             .get(key)
@@ -299,18 +301,24 @@ impl SharedQueries {
             return Err(ZqlError::Source(e.clone()));
         }
         if entry.changed_at <= from {
-            return Ok(Catchup::Steps(Vec::new()));
+            return Ok(Some(Catchup::Steps(Vec::new())));
         }
         if self.log.front().is_none_or(|s| s.from > from) {
-            return self.rows(key, reader).map(Catchup::Copy);
+            if let Some(rows) = &entry.rows {
+                return Ok(Some(Catchup::Copy(rows.clone())));
+            }
+            return match reader {
+                Some(reader) => self.rows(key, reader).map(|r| Some(Catchup::Copy(r))),
+                None => Ok(None),
+            };
         }
-        Ok(Catchup::Steps(
+        Ok(Some(Catchup::Steps(
             self.log
                 .iter()
                 .filter(|s| s.to > from)
                 .filter_map(|s| s.diffs.get(key).cloned())
                 .collect(),
-        ))
+        )))
     }
 }
 

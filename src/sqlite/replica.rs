@@ -32,7 +32,7 @@ pub const REPLICA_CHECKPOINT_RETRY_BYTES: u64 = 256 << 10;
 pub const REPLICA_BUSY_TIMEOUT_MS: u64 = 5_000;
 
 /// Prepared statements the writer keeps: a few per table (upsert, delete, get) plus metadata.
-const STATEMENT_CACHE_CAPACITY: usize = 256;
+pub(crate) const STATEMENT_CACHE_CAPACITY: usize = 256;
 /// SQLite page cache of the writer during the initial copy, in KiB, bounded whatever the
 /// table size. Measured on 1M rows: 64 MiB beat 16 MiB (more page reloads) and 256 MiB
 /// (first-touch page faults cost more than the pages saved).
