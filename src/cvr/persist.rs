@@ -7,7 +7,7 @@ use super::{ClientRecord, Cvr, Desire, QueryRecord, QuerySpec, RowKey, RowRecord
 use crate::protocol::cookie::Version;
 use crate::zql::value::Row;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 /// One row record as stored: the queries reaching it (empty: a tombstone) and the digest of
 /// the contents last sent (None: a tombstone).
@@ -199,7 +199,7 @@ impl Cvr {
             let record = QueryRecord {
                 spec,
                 got,
-                keys: HashSet::new(),
+                keys: super::FastSet::default(),
             };
             cvr.queries.insert(hash, record);
         }

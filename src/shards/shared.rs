@@ -275,7 +275,8 @@ impl SharedQueries {
                     .unwrap_or_else(|| "query failed".into()),
             )
         })?;
-        let mut rows: QueryRows = HashMap::with_capacity(live.rows().len());
+        let mut rows: QueryRows =
+            QueryRows::with_capacity_and_hasher(live.rows().len(), Default::default());
         for (key, (row, _count)) in live.rows() {
             rows.insert(key.clone(), row_data(reader, &key.0, row)?);
         }
