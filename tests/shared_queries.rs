@@ -678,7 +678,7 @@ impl ModelGroup {
         at: Version,
         stats: &mut Stats,
     ) -> bool {
-        let (from, to) = (self.state, shared.state());
+        let (from, to) = (self.state, shared.seq());
         if from == to {
             return false;
         }
@@ -746,7 +746,7 @@ impl ModelGroup {
         indexes: &IndexRequests,
         at: Version,
     ) -> bool {
-        assert_eq!(self.state, shared.state(), "a join before the advance");
+        assert_eq!(self.state, shared.seq(), "a join before the advance");
         let mut changed =
             self.cvr
                 .put_desired(CLIENT, &hash(q), QuerySpec::Ast(json!(q)), None, at);
@@ -919,13 +919,13 @@ impl ModelShard {
     /// Catches the shared queries up in the open snapshot; a catch-up that moves drops the
     /// queries nobody holds, and keeps every held one.
     fn catch_up(&mut self, reader: &ReplicaReader) {
-        let before = self.shared.state();
+        let before = self.shared.seq();
         self.shared
             .catch_up(reader)
             .unwrap_or_else(|e| panic!("{}: catch-up: {e}", self.name));
         self.stats.catch_ups += 1;
         let held = self.held_keys();
-        if self.shared.state() != before {
+        if self.shared.seq() != before {
             assert_eq!(
                 self.shared.len(),
                 held.len(),

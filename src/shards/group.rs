@@ -35,8 +35,8 @@ pub struct Group {
     /// What changed upstream since the group last advanced (the tables only: the rows are
     /// the shard's shared queries' business).
     pending: RefCell<Pending>,
-    /// The shared queries' state this group's query rows are at (`shared`).
-    shared_state: Cell<u64>,
+    /// The shared queries' catch-up this group's query rows are at (`shared`).
+    shared_seq: Cell<u64>,
     /// The queries' generation the shard's routes were last given (None: never).
     routes_generation: Cell<Option<u64>>,
     /// The replica commit of the oldest pending version that came while a socket was open
@@ -77,11 +77,6 @@ pub struct ConfigUpdate<'a> {
 
 pub type GroupResult<T> = Result<T, ProtocolError>;
 
-/// How long a hydration waits for the versions its snapshot holds to be announced to the
-/// shard (normally at once: the replicator announces each commit right after it) before the
-/// client is told to reconnect.
-const ANNOUNCE_WAIT_MS_MAX: u64 = 5_000;
-
 /// Sockets one client group may have open at once (one per tab, typically a handful).
 pub const SOCKETS_PER_GROUP_MAX: usize = 1024;
 
@@ -98,7 +93,7 @@ impl Group {
             pusher: RefCell::new(None),
             lock: glommio::sync::Semaphore::new(1),
             pending: RefCell::new(Pending::tables_only()),
-            shared_state: Cell::new(0),
+            shared_seq: Cell::new(0),
             routes_generation: Cell::new(None),
             pending_since: Cell::new(None),
             persist: RefCell::new(None),
@@ -545,16 +540,11 @@ impl Group {
             transform_failed = failed;
         }
         let mut failed = Vec::new();
-        let deadline = Instant::now() + Duration::from_millis(ANNOUNCE_WAIT_MS_MAX);
-        let hydrated = loop {
-            let mut early = false;
+        // A snapshot may hold versions not announced yet: the shared queries then lack their
+        // changes until they are announced and pushed by the next catch-up (the client sees
+        // them a poke later), as a group advancing meanwhile would.
+        let hydrated = {
             let result = self.in_snapshot(shard, |reader, cvr, at| {
-                // The shared queries move to the snapshot's state; changes in it that are not
-                // announced yet would never be pushed into them. Wait for their announcement.
-                if reader.snapshot_watermark() > shard.last_version.get() {
-                    early = true;
-                    return Ok(false);
-                }
                 let mut shared = shard.shared.borrow_mut();
                 shared.catch_up(reader).map_err(|e| {
                     ProtocolError::new(ErrorKind::Internal, format!("advancing queries: {e}"))
@@ -598,16 +588,7 @@ impl Group {
                 changed |= eval::refresh_mutation_state(reader, &shard.shard_schema, cvr, at)?;
                 Ok(changed)
             });
-            if !early {
-                break result;
-            }
-            if Instant::now() >= deadline {
-                break Err(ProtocolError::new(
-                    ErrorKind::Rehome,
-                    "the replica holds versions this server has not processed yet; reconnect",
-                ));
-            }
-            glommio::timer::sleep(Duration::from_millis(1)).await;
+            result
         };
         if !failed.is_empty() {
             self.report_failed_queries(failed);
@@ -709,8 +690,8 @@ impl Group {
         cvr: &mut Cvr,
         at: Version,
     ) -> GroupResult<Option<bool>> {
-        let from = self.shared_state.get();
-        let to = shared.state();
+        let from = self.shared_seq.get();
+        let to = shared.seq();
         if from == to {
             return Ok(Some(false));
         }
@@ -740,7 +721,7 @@ impl Group {
                 self.inspect.updated(shard, cvr, &hash, started);
             }
         }
-        self.shared_state.set(to);
+        self.shared_seq.set(to);
         Ok(Some(changed))
     }
 
@@ -749,7 +730,7 @@ impl Group {
     /// for the group. None when that needs the replica (the caller opens a snapshot).
     fn advance_without_snapshot(&self, shard: &Shard) -> GroupResult<Option<bool>> {
         let mut shared = shard.shared.borrow_mut();
-        if shared.state() < shard.last_version.get() {
+        if shared.state() < shard.last_version.get() || shared.has_pending() {
             return Ok(None);
         }
         let mut cvr = self.cvr.borrow_mut();

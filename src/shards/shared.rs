@@ -7,8 +7,10 @@
 //! behind) and a group asking for a query anew take a copy of the current result.
 //!
 //! All shared queries are at one replica state, `state`: the snapshot of the last catch-up.
-//! A group's queries are at the state its CVR last took (`Group::shared_state`), always one
-//! of the log's step boundaries, so the steps after it are exactly what it lacks.
+//! Catch-ups are numbered (`seq`): a version announced after a snapshot that already held it
+//! is pushed by a later catch-up at the same state, so the state alone does not tell them
+//! apart. A group's queries are at the catch-up its CVR last took (`Group::shared_seq`),
+//! always one of the log's step boundaries, so the steps after it are exactly what it lacks.
 
 use super::pending::Pending;
 use super::VersionReady;
@@ -44,13 +46,14 @@ struct Entry {
     live: Option<LiveQuery>,
     failed: Option<String>,
     hold: Rc<()>,
-    /// The state at which its result last changed.
+    /// The catch-up at which its result last changed.
     changed_at: u64,
     /// The current result as shared rows, made at the first copy after a change.
     rows: Option<Rc<QueryRows>>,
 }
 
-/// One catch-up: from one state to the next, the diff of every query it changed.
+/// One catch-up (or a run of them that changed nothing): from one `seq` to the next, the
+/// diff of every query it changed.
 struct Step {
     from: u64,
     to: u64,
@@ -69,6 +72,8 @@ pub enum Catchup {
 pub struct SharedQueries {
     entries: HashMap<QueryKey, Entry>,
     state: u64,
+    /// The number of the last catch-up.
+    seq: u64,
     /// What changed since `state`.
     pending: Pending,
     log: VecDeque<Step>,
@@ -97,6 +102,7 @@ impl SharedQueries {
         SharedQueries {
             entries: HashMap::new(),
             state: 0,
+            seq: 0,
             pending: Pending::default(),
             log: VecDeque::new(),
             log_rows: 0,
@@ -107,6 +113,15 @@ impl SharedQueries {
 
     pub fn state(&self) -> u64 {
         self.state
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Whether announced changes wait for a catch-up.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
     }
 
     pub fn len(&self) -> usize {
@@ -130,9 +145,12 @@ impl SharedQueries {
     /// changed since into each query it concerns, once, and logs the diffs.
     pub fn catch_up(&mut self, reader: &ReplicaReader) -> Result<(), ZqlError> {
         let to = reader.snapshot_watermark();
-        if to <= self.state {
+        // A version announced late (its changes are in a snapshot already caught up to) is
+        // pushed at the same state, in a catch-up of its own.
+        if to < self.state || (to == self.state && self.pending.is_empty()) {
             return Ok(());
         }
+        let seq = self.seq + 1;
         self.sweep();
         let pending = std::mem::take(&mut self.pending);
         let changes = if pending.is_empty() {
@@ -157,7 +175,7 @@ impl SharedQueries {
                 Ok(diff) if diff.is_empty() => {}
                 Ok(diff) => {
                     rows += diff.len();
-                    entry.changed_at = to;
+                    entry.changed_at = seq;
                     entry.rows = None;
                     diffs.insert(key.clone(), Rc::new(diff));
                 }
@@ -165,17 +183,18 @@ impl SharedQueries {
                     tracing::warn!(query = %key, error = %e, "shared query failed");
                     entry.live = None;
                     entry.failed = Some(e.to_string());
-                    entry.changed_at = to;
+                    entry.changed_at = seq;
                     entry.rows = None;
                 }
             }
         }
         self.log_step(Step {
-            from: self.state,
-            to,
+            from: self.seq,
+            to: seq,
             diffs,
             rows,
         });
+        self.seq = seq;
         self.state = to;
         Ok(())
     }
@@ -251,7 +270,7 @@ impl SharedQueries {
                 live: Some(live),
                 failed: None,
                 hold: hold.clone(),
-                changed_at: self.state,
+                changed_at: self.seq,
                 rows: None,
             },
         );
@@ -285,7 +304,7 @@ impl SharedQueries {
         Ok(rows)
     }
 
-    /// What a group at state `from` must apply to `key`'s rows to be at `state`. Without a
+    /// What a group at catch-up `from` must apply to `key`'s rows to be at `seq`. Without a
     /// reader (no snapshot open), None when that takes reading the replica (a copy not made
     /// yet).
     pub fn since(
