@@ -56,9 +56,8 @@ pub async fn push(
             ));
         }
         let m = parse_crud_mutation(raw)?;
-        let user = rate_key(conn, group);
         if let Some(limits) = &shard.legacy.limits {
-            if !limits.try_acquire(&user, now_ms()) {
+            if !limits.try_acquire(&rate_key(conn, group), now_ms()) {
                 conn.send_text(&down::error(&ProtocolError::new(
                     ErrorKind::MutationRateLimited,
                     "Rate limit exceeded",

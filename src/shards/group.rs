@@ -543,53 +543,45 @@ impl Group {
         // A snapshot may hold versions not announced yet: the shared queries then lack their
         // changes until they are announced and pushed by the next catch-up (the client sees
         // them a poke later), as a group advancing meanwhile would.
-        let hydrated = {
-            let result = self.in_snapshot(shard, |reader, cvr, at| {
-                let mut shared = shard.shared.borrow_mut();
-                shared.catch_up(reader).map_err(|e| {
-                    ProtocolError::new(ErrorKind::Internal, format!("advancing queries: {e}"))
-                })?;
-                let mut changed = self
-                    .apply_shared(shard, Some(reader), &mut shared, cvr, at)?
-                    .unwrap_or_default();
-                for hash in cvr.expired_queries() {
-                    self.queries.borrow_mut().forget(&hash);
-                    changed |= cvr.remove_query(&hash, at);
+        let hydrated = self.in_snapshot(shard, |reader, cvr, at| {
+            let mut shared = shard.shared.borrow_mut();
+            let mut changed = self.catch_up_in_snapshot(shard, reader, &mut shared, cvr, at)?;
+            for hash in cvr.expired_queries() {
+                self.queries.borrow_mut().forget(&hash);
+                changed |= cvr.remove_query(&hash, at);
+            }
+            // A query the app server now refuses is removed with its rows (zero-cache's
+            // transform errors), and not asked for again until a client puts it again.
+            for hash in &transform_failed {
+                let mut queries = self.queries.borrow_mut();
+                queries.mark_failed(hash);
+                if cvr.queries.get(hash).is_some_and(|q| q.got.is_some()) {
+                    queries.forget(hash);
+                    changed |= cvr.remove_query(hash, at);
                 }
-                // A query the app server now refuses is removed with its rows (zero-cache's
-                // transform errors), and not asked for again until a client puts it again.
-                for hash in &transform_failed {
-                    let mut queries = self.queries.borrow_mut();
-                    queries.mark_failed(hash);
-                    if cvr.queries.get(hash).is_some_and(|q| q.got.is_some()) {
-                        queries.forget(hash);
-                        changed |= cvr.remove_query(hash, at);
+            }
+            let pending: Vec<String> = self.queries.borrow().ungot_with_ast(cvr);
+            for hash in pending {
+                let started = Instant::now();
+                match eval::evaluate_into(
+                    reader,
+                    shard,
+                    &mut shared,
+                    &mut self.queries.borrow_mut(),
+                    cvr,
+                    &hash,
+                    at,
+                ) {
+                    Ok(c) => {
+                        changed |= c;
+                        self.inspect.hydrated(shard, cvr, &hash, started);
                     }
+                    Err(e) => failed.push((hash, e.to_string())),
                 }
-                let pending: Vec<String> = self.queries.borrow().ungot_with_ast(cvr);
-                for hash in pending {
-                    let started = Instant::now();
-                    match eval::evaluate_into(
-                        reader,
-                        shard,
-                        &mut shared,
-                        &mut self.queries.borrow_mut(),
-                        cvr,
-                        &hash,
-                        at,
-                    ) {
-                        Ok(c) => {
-                            changed |= c;
-                            self.inspect.hydrated(shard, cvr, &hash, started);
-                        }
-                        Err(e) => failed.push((hash, e.to_string())),
-                    }
-                }
-                changed |= eval::refresh_mutation_state(reader, &shard.shard_schema, cvr, at)?;
-                Ok(changed)
-            });
-            result
-        };
+            }
+            changed |= eval::refresh_mutation_state(reader, &shard.shard_schema, cvr, at)?;
+            Ok(changed)
+        });
         if !failed.is_empty() {
             self.report_failed_queries(failed);
         }
@@ -725,6 +717,27 @@ impl Group {
         Ok(Some(changed))
     }
 
+    /// In an open snapshot: catches the shared queries up to it, then brings the group's
+    /// queries there.
+    fn catch_up_in_snapshot(
+        &self,
+        shard: &Shard,
+        reader: &crate::sqlite::ReplicaReader,
+        shared: &mut super::shared::SharedQueries,
+        cvr: &mut Cvr,
+        at: Version,
+    ) -> GroupResult<bool> {
+        shared.catch_up(reader).map_err(|e| {
+            ProtocolError::new(ErrorKind::Internal, format!("advancing queries: {e}"))
+        })?;
+        let changed = self.apply_shared(shard, Some(reader), shared, cvr, at)?;
+        debug_assert!(
+            changed.is_some(),
+            "with a reader, a catch-up is always known"
+        );
+        Ok(changed.unwrap_or_default())
+    }
+
     /// Without a snapshot: brings the group's queries to the shared queries' state when
     /// they are caught up with every announced version and nothing but query rows changed
     /// for the group. None when that needs the replica (the caller opens a snapshot).
@@ -776,14 +789,13 @@ impl Group {
                     early = true;
                     return Ok(false);
                 }
-                let mut shared = shard.shared.borrow_mut();
-                shared.catch_up(reader).map_err(|e| {
-                    ProtocolError::new(ErrorKind::Internal, format!("advancing queries: {e}"))
-                })?;
-                let mut changed = self
-                    .apply_shared(shard, Some(reader), &mut shared, cvr, at)?
-                    .unwrap_or_default();
-                drop(shared);
+                let mut changed = self.catch_up_in_snapshot(
+                    shard,
+                    reader,
+                    &mut shard.shared.borrow_mut(),
+                    cvr,
+                    at,
+                )?;
                 if mutation_state {
                     changed |= eval::refresh_mutation_state(reader, &shard.shard_schema, cvr, at)?;
                 }
