@@ -602,7 +602,7 @@ fn permission_subquery_rows_are_not_synced() {
     let ev = evaluate(&authorize_read(&plain, Some(&perms), None), &reader).expect("evaluates");
     assert_eq!(ev.nodes.len(), 1, "only t.1 has u children");
     assert!(
-        ev.rows.keys().all(|(table, _)| table == "t"),
+        ev.rows.keys().all(|k| k.table() == "t"),
         "{:?}",
         ev.rows.keys()
     );
@@ -611,7 +611,7 @@ fn permission_subquery_rows_are_not_synced() {
         "where": cond_ast(&Cond::Exists{op:"=", rhs: Rhs::Int(Some(1))}, false)}))
     .expect("ast");
     let ev = evaluate(&authorize_read(&with_exists, Some(&perms), None), &reader).expect("ev");
-    assert_eq!(ev.rows.keys().filter(|(t, _)| t == "u").count(), 3);
+    assert_eq!(ev.rows.keys().filter(|k| k.table() == "u").count(), 3);
     // Nothing deployed: nothing read.
     let ev = evaluate(&authorize_read(&plain, None, None), &reader).expect("evaluates");
     assert!(ev.nodes.is_empty());

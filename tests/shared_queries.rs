@@ -39,7 +39,7 @@ use glommio::channels::shared_channel::ConnectedReceiver;
 use random_txns::*;
 use serde_json::json;
 use support::*;
-use zcache::cvr::{Cvr, QuerySpec};
+use zcache::cvr::{Cvr, QuerySpec, RowKey};
 use zcache::protocol::cookie::Version;
 use zcache::protocol::down::put_row_json;
 use zcache::shards::shared::{query_key, Catchup, SharedHandle, SharedQueries};
@@ -217,7 +217,7 @@ impl ModelGroup {
                         // Each key's last entry only: what a group at `from` lacks, as one
                         // diff (another query's newer contents are not overwritten by an
                         // older step's).
-                        let mut net: HashMap<(String, String), _> = HashMap::new();
+                        let mut net: HashMap<RowKey, _> = HashMap::new();
                         for d in &diffs {
                             stats.diffs_applied += usize::from(!d.is_empty());
                             for (k, r) in d.iter() {
@@ -287,7 +287,7 @@ impl ModelGroup {
         what: &str,
     ) {
         let mut errors = Vec::new();
-        let mut want: HashMap<&(String, String), (&zcache::zql::value::Row, u32)> = HashMap::new();
+        let mut want: HashMap<&RowKey, (&zcache::zql::value::Row, u32)> = HashMap::new();
         let lives: Vec<(usize, Rc<LiveQuery>)> = self
             .held
             .keys()
@@ -347,7 +347,7 @@ impl ModelGroup {
                 errors.push(format!("{k:?} holds {:?}, fresh {:?}", data.row, row));
                 continue;
             }
-            let spec = reader.table_spec(&k.0).expect("the row's table");
+            let spec = reader.table_spec(k.table()).expect("the row's table");
             if data.put_json() != put_row_json(&spec, row) {
                 errors.push(format!(
                     "{k:?}'s put JSON {} is not {}",

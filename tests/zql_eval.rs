@@ -179,7 +179,7 @@ fn rel<'a>(n: &'a Node, alias: &str) -> &'a [Node] {
 
 fn count(e: &Evaluation, table: &str, key: &str) -> u32 {
     e.rows
-        .get(&(table.to_string(), key.to_string()))
+        .get(&zcache::zql::RowKey::new(table, key.to_string()))
         .map_or(0, |r| r.1)
 }
 
@@ -187,8 +187,8 @@ fn synced(e: &Evaluation, table: &str) -> Vec<String> {
     let mut v: Vec<String> = e
         .rows
         .keys()
-        .filter(|(tb, _)| tb == table)
-        .map(|(_, k)| k.clone())
+        .filter(|k| k.table() == table)
+        .map(|k| k.key().to_string())
         .collect();
     v.sort();
     v
@@ -539,7 +539,7 @@ fn row_counts_are_path_multiplicities() {
     );
     assert_eq!(count(&e, "user", r#"{"id":"u1"}"#), 2);
     assert_eq!(count(&e, "issue", r#"{"id":"i1"}"#), 1);
-    let (row, _) = &e.rows[&("user".to_string(), r#"{"id":"u1"}"#.to_string())];
+    let (row, _) = &e.rows[&zcache::zql::RowKey::new("user", r#"{"id":"u1"}"#.to_string())];
     assert_eq!(row, &vec![t("u1"), t("Ann")]);
 }
 

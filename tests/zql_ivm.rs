@@ -15,7 +15,7 @@ use zcache::zql::ast::Direction;
 use zcache::zql::ivm::{LiveQuery, RowChange};
 use zcache::zql::schema::{ColumnKind, ColumnSpec, TableSpec};
 use zcache::zql::value::{Row, Value};
-use zcache::zql::{evaluate, parse_ast, Source, ZqlError};
+use zcache::zql::{evaluate, parse_ast, RowKey, Source, ZqlError};
 
 /// Tables keyed by their primary-key values; fetch scans (the engine must not rely on order).
 #[derive(Default)]
@@ -764,10 +764,8 @@ fn window_refills_and_rows_cross_the_edge() {
     let changes = apply(&src, &[Op::Put("issue", lowered)]);
     let touched = live.push(&changes, &src).unwrap();
     assert_eq!(ids(&live), [7, 6, 5]);
-    assert!(touched.contains(&("issue".to_string(), "{\"id\":8}".to_string())));
-    assert!(!live
-        .rows()
-        .contains_key(&("issue".to_string(), "{\"id\":8}".to_string())));
+    assert!(touched.contains(&key("issue", 8)));
+    assert!(!live.rows().contains_key(&key("issue", 8)));
     // Raise 0 above everything: it enters first, 5 leaves.
     let mut raised = src.all("issue")[0].clone();
     raised[3] = Value::Int(100);
@@ -796,8 +794,8 @@ fn comment(id: i64, issue: i64, body: &str) -> Row {
     ]
 }
 
-fn key(table: &str, id: i64) -> (String, String) {
-    (table.to_string(), format!("{{\"id\":{id}}}"))
+fn key(table: &str, id: i64) -> RowKey {
+    RowKey::new(table, format!("{{\"id\":{id}}}"))
 }
 
 /// Pushes `ops`, checks the result against a fresh evaluation, returns the touched keys.
@@ -806,7 +804,7 @@ fn step(
     src: &MemSource,
     ast: &zcache::zql::Ast,
     ops: &[Op],
-) -> std::collections::HashSet<(String, String)> {
+) -> std::collections::HashSet<RowKey> {
     let changes = apply(src, ops);
     let touched = live.push(&changes, src).unwrap();
     check_equal(live, src, ast).unwrap();
@@ -833,7 +831,7 @@ fn a_child_change_flips_exists_and_not_exists() {
             &ast,
             &[Op::Put("comment", comment(10, 1, "b"))],
         );
-        assert!(touched.iter().all(|(t, _)| t != "issue") || op == "NOT EXISTS");
+        assert!(touched.iter().all(|k| k.table() != "issue") || op == "NOT EXISTS");
         assert_eq!(present(&live), op == "NOT EXISTS");
         // A matching one flips it, and is synced with it under EXISTS.
         step(

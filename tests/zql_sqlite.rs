@@ -506,10 +506,10 @@ fn check(t_rows: &[TRow], u_rows: &[URow], q: &Query) -> Result<(), TestCaseErro
     // Every root row is synced once; EXISTS children are synced as well, nothing else of t.
     let t_spec = src.table("t").unwrap();
     for row in &expected {
-        let key = ("t".to_string(), row_key_json(&t_spec, row));
+        let key = zcache::zql::RowKey::new("t", row_key_json(&t_spec, row));
         prop_assert_eq!(got.rows.get(&key).map(|r| r.1), Some(1));
     }
-    let t_synced = got.rows.keys().filter(|(tb, _)| tb == "t").count();
+    let t_synced = got.rows.keys().filter(|k| k.table() == "t").count();
     prop_assert_eq!(t_synced, expected.len());
     Ok(())
 }

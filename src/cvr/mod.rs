@@ -20,7 +20,7 @@ pub mod store;
 pub use persist::{row_digest, StoredRow};
 
 /// A row's identity: table name and primary-key JSON object (`{"id":"i1"}`).
-pub type RowKey = (String, String);
+pub use crate::zql::RowKey;
 
 /// The maps keyed by row keys: foldhash instead of SipHash, which was a tenth of a shard's
 /// time with 10,000 groups (every group's rows are hashed at each copy and diff).
@@ -233,6 +233,8 @@ pub struct Cvr {
     dirty_rows: FastSet<RowKey>,
     /// The version the store last got (None: never flushed, or a flush failed).
     flushed_version: Option<Version>,
+    /// The digest of the configuration the store last got (None: not known to be stored).
+    flushed_config: Option<u64>,
 }
 
 impl Cvr {
@@ -252,6 +254,7 @@ impl Cvr {
             client_schema: None,
             dirty_rows: FastSet::default(),
             flushed_version: None,
+            flushed_config: None,
         }
     }
 
@@ -672,7 +675,7 @@ impl Cvr {
                 _ => {}
             }
         }
-        for ((table, key), rec) in &self.rows {
+        for (row_key, rec) in &self.rows {
             if !newer(rec.patch) {
                 continue;
             }
@@ -681,7 +684,7 @@ impl Cvr {
                 // A live row loaded from the store whose query has not been hydrated again:
                 // nothing to send until it is.
                 None if rec.refs > 0 => {}
-                None if base.is_some() => poke.del_row(table, key),
+                None if base.is_some() => poke.del_row(row_key.table(), row_key.key()),
                 None => {}
             }
         }

@@ -7,7 +7,7 @@ use super::{ClientRecord, Cvr, Desire, QueryRecord, QuerySpec, RowKey, RowRecord
 use crate::protocol::cookie::Version;
 use crate::zql::value::Row;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 /// One row record as stored: the queries reaching it (empty: a tombstone) and the digest of
 /// the contents last sent (None: a tombstone).
@@ -46,6 +46,28 @@ struct StoredQuery {
     got: Option<String>,
 }
 
+/// `StoredConfig` borrowed from the CVR, to write: every flush serializes it (to tell whether
+/// it changed), and cloning the query ASTs for that cost more than the serializing.
+#[derive(Serialize)]
+struct StoredConfigRef<'a> {
+    clients: Vec<&'a str>,
+    desires: &'a BTreeMap<String, BTreeMap<String, Desire>>,
+    ttl_clock_ms: u64,
+    queries: BTreeMap<&'a str, StoredQueryRef<'a>>,
+    removed_queries: BTreeMap<&'a str, String>,
+    lmids: BTreeMap<&'a str, (u64, String)>,
+    mutation_results: Vec<(&'a str, u64, Option<&'a str>, String)>,
+    client_schema: Option<&'a serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct StoredQueryRef<'a> {
+    name: Option<&'a str>,
+    args: Option<&'a [serde_json::Value]>,
+    ast: Option<&'a serde_json::Value>,
+    got: Option<String>,
+}
+
 /// A stable 64-bit digest of a row's contents (FNV-1a over its JSON), so a restarted zcache
 /// can tell which rows changed since it last sent them without storing their contents.
 pub fn row_digest(row: &Row) -> u64 {
@@ -54,9 +76,13 @@ pub fn row_digest(row: &Row) -> u64 {
         v.write_json(&mut json);
         json.push('\u{1}');
     }
+    fnv1a(json.as_bytes())
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
-    for b in json.bytes() {
-        h ^= b as u64;
+    for b in bytes {
+        h ^= *b as u64;
         h = h.wrapping_mul(0x100000001b3);
     }
     h
@@ -70,7 +96,7 @@ impl Cvr {
             return None;
         }
         let dirty = std::mem::take(&mut self.dirty_rows);
-        let mut reaching: HashMap<&RowKey, Vec<String>> = HashMap::new();
+        let mut reaching: super::FastMap<&RowKey, Vec<String>> = Default::default();
         for (hash, q) in &self.queries {
             for key in q.keys.iter().filter(|k| dirty.contains(*k)) {
                 reaching.entry(key).or_default().push(hash.clone());
@@ -84,8 +110,8 @@ impl Cvr {
                 queries.sort();
                 debug_assert_eq!(queries.len(), rec.refs as usize, "refs = queries reaching");
                 Some(StoredRow {
-                    table: key.0.clone(),
-                    key: key.1.clone(),
+                    table: key.table().to_string(),
+                    key: key.key().to_string(),
                     patch: rec.patch.cookie(),
                     digest: (rec.refs > 0).then_some(rec.digest),
                     queries,
@@ -94,10 +120,16 @@ impl Cvr {
             .collect();
         rows.sort_by(|a, b| (&a.table, &a.key).cmp(&(&b.table, &b.key)));
         self.flushed_version = Some(self.version);
+        // Most flushes only move the version (a poke): the configuration, kilobytes of
+        // query ASTs, is written again only when it changed.
+        let config = self.stored_config();
+        let config_digest = fnv1a(config.as_bytes());
+        let config = (self.flushed_config != Some(config_digest)).then_some(config);
+        self.flushed_config = Some(config_digest);
         Some(FlushBatch {
             group: self.id.clone(),
             version: self.version.cookie(),
-            config: self.stored_config(),
+            config,
             rows,
         })
     }
@@ -121,13 +153,14 @@ impl Cvr {
     /// Everything is written again at the next flush (after a failed one).
     pub fn mark_all_dirty(&mut self) {
         self.flushed_version = None;
+        self.flushed_config = None;
         self.dirty_rows = self.rows.keys().cloned().collect();
     }
 
     fn stored_config(&self) -> String {
-        let config = StoredConfig {
-            clients: self.clients.keys().cloned().collect(),
-            desires: self.desires.clone(),
+        let config = StoredConfigRef {
+            clients: self.clients.keys().map(String::as_str).collect(),
+            desires: &self.desires,
             ttl_clock_ms: self.ttl_clock_ms,
             queries: self
                 .queries
@@ -135,14 +168,14 @@ impl Cvr {
                 .map(|(h, q)| {
                     let (name, args, ast) = match &q.spec {
                         QuerySpec::Named { name, args } => {
-                            (Some(name.clone()), Some(args.clone()), None)
+                            (Some(name.as_str()), Some(args.as_slice()), None)
                         }
-                        QuerySpec::Ast(ast) => (None, None, Some(ast.clone())),
+                        QuerySpec::Ast(ast) => (None, None, Some(ast)),
                     };
                     let got = q.got.map(|v| v.cookie());
                     (
-                        h.clone(),
-                        StoredQuery {
+                        h.as_str(),
+                        StoredQueryRef {
                             name,
                             args,
                             ast,
@@ -154,19 +187,19 @@ impl Cvr {
             removed_queries: self
                 .removed_queries
                 .iter()
-                .map(|(h, v)| (h.clone(), v.cookie()))
+                .map(|(h, v)| (h.as_str(), v.cookie()))
                 .collect(),
             lmids: self
                 .lmids
                 .iter()
-                .map(|(c, (lmid, v))| (c.clone(), (*lmid, v.cookie())))
+                .map(|(c, (lmid, v))| (c.as_str(), (*lmid, v.cookie())))
                 .collect(),
             mutation_results: self
                 .mutation_results
                 .iter()
-                .map(|((c, id), (r, v))| (c.clone(), *id, r.clone(), v.cookie()))
+                .map(|((c, id), (r, v))| (c.as_str(), *id, r.as_deref(), v.cookie()))
                 .collect(),
-            client_schema: self.client_schema.clone(),
+            client_schema: self.client_schema.as_ref(),
         };
         // Plain maps of strings and numbers: serializing cannot fail.
         serde_json::to_string(&config).unwrap_or_default()
@@ -214,7 +247,7 @@ impl Cvr {
                 .insert((client, mid), (result, cookie(&v)?));
         }
         for r in loaded.rows {
-            let key: RowKey = (r.table, r.key);
+            let key = RowKey::new(&r.table, r.key);
             for hash in &r.queries {
                 let Some(q) = cvr.queries.get_mut(hash) else {
                     return Err(format!("row {key:?} names unknown query {hash}"));
@@ -264,7 +297,7 @@ mod tests {
         items
             .iter()
             .map(|(id, title)| {
-                let key = ("issue".to_string(), format!("{{\"id\":\"{id}\"}}"));
+                let key = crate::zql::RowKey::new("issue", format!("{{\"id\":\"{id}\"}}"));
                 let row = vec![Value::Text(id.to_string()), Value::Text(title.to_string())];
                 (key, crate::cvr::RowData::new(spec(), row))
             })
@@ -338,7 +371,9 @@ mod tests {
         );
         let loaded = Loaded {
             version: batch.version,
-            config: batch.config,
+            config: batch
+                .config
+                .expect("a first flush writes the configuration"),
             rows: batch.rows,
         };
         let back = Cvr::from_stored("g1", loaded).expect("loads");
@@ -402,8 +437,10 @@ mod tests {
         assert_eq!(row_ops(&back, Some(v3)), vec!["del \"i1\"", "put \"i2\""]);
         // A client from before everything gets every live row and no tombstones' puts.
         assert_eq!(row_ops(&back, None), vec!["put \"i2\"", "put \"i3\""]);
-        // The flush after it writes exactly the rows that changed.
+        // The flush after it writes exactly the rows that changed, and the configuration
+        // (its queries' versions moved).
         let batch = back.take_flush().expect("writes");
+        assert!(batch.config.is_some());
         let written: Vec<(&str, &[String])> = batch
             .rows
             .iter()
@@ -427,6 +464,27 @@ mod tests {
         cvr.mark_all_dirty();
         let batch = cvr.take_flush().expect("writes");
         assert_eq!(batch.rows.len(), cvr.rows.len());
+        assert!(batch.config.is_some(), "the failed write may have lost it");
+    }
+
+    #[test]
+    fn a_poke_writes_the_version_without_the_unchanged_configuration() {
+        let (mut cvr, _, v3) = stored_and_loaded();
+        let v4 = Version {
+            state: v3.state + 1,
+            config: 0,
+        };
+        assert!(cvr.set_query_rows("q1", &rows(&[("i1", "one, edited")]), v4));
+        cvr.version = v4;
+        let batch = cvr.take_flush().expect("writes");
+        assert_eq!(batch.version, v4.cookie());
+        assert_eq!(batch.config, None);
+        assert!(batch.rows.iter().any(|r| r.key.contains("i1")));
+        let v5 = cvr.next_config_version();
+        cvr.set_lmids([("c1".to_string(), 8)].into(), v5);
+        cvr.version = v5;
+        let batch = cvr.take_flush().expect("writes");
+        assert!(batch.config.is_some_and(|c| c.contains('8')));
     }
 
     #[test]

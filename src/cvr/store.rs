@@ -32,13 +32,13 @@ pub enum StoreError {
     Closed(String),
 }
 
-/// One client group's writes: its version and configuration, and the row records that
-/// changed since the last flush.
+/// One client group's writes: its version, its configuration when it changed (None: the
+/// stored one holds), and the row records that changed since the last flush.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FlushBatch {
     pub group: String,
     pub version: String,
-    pub config: String,
+    pub config: Option<String>,
     pub rows: Vec<StoredRow>,
 }
 
@@ -165,36 +165,61 @@ impl CvrStore {
 }
 
 fn write_batch(schema: &str, b: &FlushBatch, sql: &mut String) -> Result<(), StoreError> {
-    let g = literal(&b.group)?;
-    let _ = write!(
-        sql,
-        "INSERT INTO {schema}.instances VALUES ({g}, {}, {}::jsonb, now())
-           ON CONFLICT (\"clientGroupID\") DO UPDATE SET version = EXCLUDED.version,
-             config = EXCLUDED.config, \"lastActive\" = EXCLUDED.\"lastActive\";",
-        literal(&b.version)?,
-        literal(&b.config)?,
-    );
+    match &b.config {
+        Some(config) => {
+            let _ = write!(sql, "INSERT INTO {schema}.instances VALUES (");
+            push_literal(sql, &b.group)?;
+            sql.push(',');
+            push_literal(sql, &b.version)?;
+            sql.push(',');
+            push_literal(sql, config)?;
+            sql.push_str(
+                "::jsonb, now()) ON CONFLICT (\"clientGroupID\") DO UPDATE SET
+                   version = EXCLUDED.version, config = EXCLUDED.config,
+                   \"lastActive\" = EXCLUDED.\"lastActive\";",
+            );
+        }
+        None => {
+            let _ = write!(sql, "UPDATE {schema}.instances SET version = ");
+            push_literal(sql, &b.version)?;
+            sql.push_str(", \"lastActive\" = now() WHERE \"clientGroupID\" = ");
+            push_literal(sql, &b.group)?;
+            sql.push(';');
+        }
+    }
+    let mut json = String::new();
     for chunk in b.rows.chunks(ROWS_PER_STATEMENT_MAX) {
         let _ = write!(sql, "INSERT INTO {schema}.rows VALUES ");
         for (i, r) in chunk.iter().enumerate() {
-            let digest = r
-                .digest
-                .map_or("NULL".to_string(), |d| (d as i64).to_string());
-            let _ = write!(
-                sql,
-                "{}({g}, {}, {}, {}, {}::jsonb, {digest})",
-                if i == 0 { "" } else { "," },
-                literal(&r.table)?,
-                literal(&r.key)?,
-                literal(&r.patch)?,
-                literal(&serde_json::to_string(&r.queries).unwrap_or_else(|_| "[]".into()))?,
-            );
+            sql.push_str(if i == 0 { "(" } else { ",(" });
+            for part in [&b.group, &r.table, &r.key, &r.patch] {
+                push_literal(sql, part)?;
+                sql.push(',');
+            }
+            json.clear();
+            json.push('[');
+            for (j, q) in r.queries.iter().enumerate() {
+                if j > 0 {
+                    json.push(',');
+                }
+                // Hashes come from clients: escaped as any JSON string.
+                crate::zql::value::write_json_string(q, &mut json);
+            }
+            json.push(']');
+            push_literal(sql, &json)?;
+            sql.push_str("::jsonb,");
+            match r.digest {
+                // u64 digests go through BIGINT as their two's complement.
+                Some(d) => {
+                    let _ = write!(sql, "{})", d as i64);
+                }
+                None => sql.push_str("NULL)"),
+            }
         }
-        let _ = write!(
-            sql,
+        sql.push_str(
             " ON CONFLICT (\"clientGroupID\", \"table\", \"rowKey\") DO UPDATE SET
                \"patchVersion\" = EXCLUDED.\"patchVersion\", queries = EXCLUDED.queries,
-               digest = EXCLUDED.digest;"
+               digest = EXCLUDED.digest;",
         );
     }
     Ok(())
@@ -233,10 +258,27 @@ fn corrupt(group: &str, reason: &str) -> StoreError {
 
 /// A SQL string literal (standard_conforming_strings on: only quotes are special).
 fn literal(s: &str) -> Result<String, StoreError> {
+    let mut out = String::with_capacity(s.len() + 2);
+    push_literal(&mut out, s)?;
+    Ok(out)
+}
+
+/// Appends `s` as a SQL string literal, without allocating (a flush writes thousands).
+fn push_literal(sql: &mut String, s: &str) -> Result<(), StoreError> {
     if s.contains('\0') {
         return Err(StoreError::Nul);
     }
-    Ok(format!("'{}'", s.replace('\'', "''")))
+    sql.reserve(s.len() + 2);
+    sql.push('\'');
+    let mut rest = s;
+    while let Some(i) = rest.find('\'') {
+        sql.push_str(&rest[..=i]);
+        sql.push('\'');
+        rest = &rest[i + 1..];
+    }
+    sql.push_str(rest);
+    sql.push('\'');
+    Ok(())
 }
 
 fn quote_ident(s: &str) -> String {
@@ -269,7 +311,7 @@ mod tests {
         let b = FlushBatch {
             group: "g'1".into(),
             version: "0a:01".into(),
-            config: "{}".into(),
+            config: Some("{}".into()),
             rows,
         };
         let mut sql = String::new();
@@ -278,7 +320,16 @@ mod tests {
         assert_eq!(sql.matches("INSERT INTO \"s\".rows").count(), 2);
         assert!(sql.contains("'g''1'"));
         // u64 digests go through BIGINT as their two's complement.
-        assert!(sql.contains(", -1)"));
-        assert!(sql.contains(", NULL)"));
+        assert!(sql.contains(",-1)"));
+        assert!(sql.contains(",NULL)"));
+        let unchanged = FlushBatch { config: None, ..b };
+        let mut sql = String::new();
+        write_batch("\"s\"", &unchanged, &mut sql).expect("batch");
+        assert!(!sql.contains("INSERT INTO \"s\".instances"));
+        assert_eq!(
+            sql.matches("UPDATE \"s\".instances SET version = '0a:01'")
+                .count(),
+            1
+        );
     }
 }

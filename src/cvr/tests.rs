@@ -26,7 +26,7 @@ fn rows(items: &[(&str, &str)]) -> QueryRows {
         .iter()
         .map(|(id, title)| {
             (
-                ("issue".to_string(), format!("{{\"id\":\"{id}\"}}")),
+                crate::zql::RowKey::new("issue", format!("{{\"id\":\"{id}\"}}")),
                 crate::cvr::RowData::new(
                     spec(),
                     vec![Value::Text(id.to_string()), Value::Text(title.to_string())],
@@ -459,7 +459,7 @@ fn a_row_another_query_reaches_survives_the_expiry() {
     assert_eq!(got_ops(&parts), vec!["del q1"]);
     assert_eq!(row_ops(&parts), vec!["del \"a\""], "b is still q2's");
     assert_eq!(
-        cvr.rows[&("issue".to_string(), "{\"id\":\"b\"}".to_string())].refs,
+        cvr.rows[&crate::zql::RowKey::new("issue", "{\"id\":\"b\"}".to_string())].refs,
         1
     );
 }

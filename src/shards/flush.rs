@@ -32,9 +32,13 @@ const FLUSH_RETRY_MS_MAX: u64 = 5_000;
 pub struct CvrPersistence {
     cfg: ConnConfig,
     shard_schema: String,
-    /// Taken out while in use (under `lock`), so no RefCell borrow spans an await.
-    store: RefCell<Option<CvrStore>>,
-    lock: glommio::sync::Semaphore,
+    /// Writes, on their own connection (taken out while in use, under its lock, so no
+    /// RefCell borrow spans an await).
+    writer: Link,
+    /// Loads, on a second connection: a client connecting must not wait behind rounds of
+    /// writes (at thousands of groups, one load per round of 256 groups' writes stalled
+    /// hydrations for tens of seconds).
+    loader: Link,
     /// Groups with writes not yet sent. Bounded by the shard's groups.
     dirty: RefCell<BTreeSet<String>>,
     wake: LocalSender<()>,
@@ -51,8 +55,8 @@ impl CvrPersistence {
         Ok(Rc::new(CvrPersistence {
             cfg,
             shard_schema: shard_schema.to_string(),
-            store: RefCell::new(Some(store)),
-            lock: glommio::sync::Semaphore::new(1),
+            writer: Link::new(Some(store)),
+            loader: Link::new(None),
             dirty: RefCell::new(BTreeSet::new()),
             wake,
             woken: RefCell::new(Some(woken)),
@@ -165,36 +169,55 @@ impl CvrPersistence {
         result
     }
 
-    /// The store, taken out under the lock (a fresh one when a cancelled call dropped it).
-    async fn take_store(&self) -> Result<(glommio::sync::Permit<'_>, CvrStore), StoreError> {
+    async fn load_stored(&self, group: &str) -> Result<Option<Loaded>, StoreError> {
+        let (_permit, mut store) = self.loader.take(self).await?;
+        let result = store.load(group).await;
+        self.loader.put(store);
+        result
+    }
+
+    async fn write(&self, batches: &[FlushBatch]) -> Result<(), StoreError> {
+        let (_permit, mut store) = self.writer.take(self).await?;
+        let started = std::time::Instant::now();
+        let result = store.flush(batches).await;
+        crate::metrics::observe_since(crate::metrics::Timing::CvrFlush, started);
+        self.writer.put(store);
+        result
+    }
+}
+
+/// One connection to the CVR database, used by one call at a time.
+struct Link {
+    store: RefCell<Option<CvrStore>>,
+    lock: glommio::sync::Semaphore,
+}
+
+impl Link {
+    fn new(store: Option<CvrStore>) -> Self {
+        Link {
+            store: RefCell::new(store),
+            lock: glommio::sync::Semaphore::new(1),
+        }
+    }
+
+    /// The store, taken out under the lock (a fresh one, connecting on first use, when
+    /// there is none yet or a cancelled call dropped it).
+    async fn take(
+        &self,
+        p: &CvrPersistence,
+    ) -> Result<(glommio::sync::Permit<'_>, CvrStore), StoreError> {
         let permit = self
             .lock
             .acquire_permit(1)
             .await
             .map_err(|e| StoreError::Closed(e.to_string()))?;
         let store = self.store.borrow_mut().take();
-        let store = store.unwrap_or_else(|| CvrStore::new(self.cfg.clone(), &self.shard_schema));
+        let store = store.unwrap_or_else(|| CvrStore::new(p.cfg.clone(), &p.shard_schema));
         Ok((permit, store))
     }
 
-    fn put_store(&self, store: CvrStore) {
+    fn put(&self, store: CvrStore) {
         *self.store.borrow_mut() = Some(store);
-    }
-
-    async fn load_stored(&self, group: &str) -> Result<Option<Loaded>, StoreError> {
-        let (_permit, mut store) = self.take_store().await?;
-        let result = store.load(group).await;
-        self.put_store(store);
-        result
-    }
-
-    async fn write(&self, batches: &[FlushBatch]) -> Result<(), StoreError> {
-        let (_permit, mut store) = self.take_store().await?;
-        let started = std::time::Instant::now();
-        let result = store.flush(batches).await;
-        crate::metrics::observe_since(crate::metrics::Timing::CvrFlush, started);
-        self.put_store(store);
-        result
     }
 }
 

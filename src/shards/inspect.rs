@@ -496,8 +496,11 @@ async fn transform_named(
 /// `{table: [row objects]}` of the rows a query syncs, each table's rows by primary key.
 fn synced_rows_json(src: &dyn Source, rows: &crate::zql::eval::RowCounts) -> Result<Json, String> {
     let mut by_table: BTreeMap<&str, Vec<(&str, &Row)>> = BTreeMap::new();
-    for ((table, key), (row, _)) in rows {
-        by_table.entry(table).or_default().push((key, row));
+    for (key, (row, _)) in rows {
+        by_table
+            .entry(key.table())
+            .or_default()
+            .push((key.key(), row));
     }
     let mut out = Map::new();
     for (table, mut rows) in by_table {
@@ -786,7 +789,7 @@ mod tests {
             .map(|id| {
                 let row = vec![Value::Text(id.to_string()), Value::Int(1)];
                 (
-                    ("issue".to_string(), format!("{{\"id\":\"{id}\"}}")),
+                    crate::zql::RowKey::new("issue", format!("{{\"id\":\"{id}\"}}")),
                     crate::cvr::RowData::new(spec(), row),
                 )
             })

@@ -297,7 +297,7 @@ impl SharedQueries {
         let mut rows: QueryRows =
             QueryRows::with_capacity_and_hasher(live.rows().len(), Default::default());
         for (key, (row, _count)) in live.rows() {
-            rows.insert(key.clone(), row_data(reader, &key.0, row)?);
+            rows.insert(key.clone(), row_data(reader, key.table(), row)?);
         }
         let rows = Rc::new(rows);
         entry.rows = Some(rows.clone());
@@ -386,7 +386,7 @@ fn touched_rows(
     let mut out = Vec::with_capacity(touched.len());
     for key in touched {
         let now = match live.rows().get(&key) {
-            Some((row, _)) => Some(row_data(reader, &key.0, row)?),
+            Some((row, _)) => Some(row_data(reader, key.table(), row)?),
             None => None,
         };
         out.push((key, now));

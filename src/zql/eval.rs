@@ -55,7 +55,7 @@ pub struct Node {
 
 /// The rows a client must hold, keyed by (table name, `row_key_json`), with the row and the
 /// number of paths through the query tree that reach it.
-pub type RowCounts = FastMap<(String, String), (Row, u32)>;
+pub type RowCounts = FastMap<super::RowKey, (Row, u32)>;
 
 /// The engine's maps, keyed by row keys and table names: foldhash instead of SipHash (6% of a
 /// hydration), still seeded per process since row keys come from upstream data.
@@ -490,12 +490,12 @@ impl<'a> Evaluator<'a> {
 
     /// `count`, moving the row in instead of copying it.
     fn count_owned(&mut self, spec: &TableSpec, row: Row) {
-        let key = (spec.name.clone(), row_key_json(spec, &row));
+        let key = super::RowKey::new(&spec.name, row_key_json(spec, &row));
         self.rows.entry(key).or_insert((row, 0)).1 += 1;
     }
 
     fn count(&mut self, spec: &TableSpec, row: &Row) {
-        let key = (spec.name.clone(), row_key_json(spec, row));
+        let key = super::RowKey::new(&spec.name, row_key_json(spec, row));
         self.rows.entry(key).or_insert_with(|| (row.clone(), 0)).1 += 1;
     }
 }

@@ -28,8 +28,7 @@ use super::filter::Filter;
 use super::plan::{compare_rows, compile, Join, Level, Plan};
 use super::value::{Row, Value};
 
-/// (table name, primary-key JSON), as in `RowCounts`.
-pub type RowKey = (String, String);
+pub use super::rowkey::RowKey;
 
 /// One row's net change over a batch of upstream versions: its state before the batch and
 /// after it (`None`: absent). A primary-key change is two changes, one per key.
@@ -213,7 +212,7 @@ impl LiveQuery {
         // join lands on the parent's key they are found in this query's rows, not the source.
         if path.iter().all(|s| matches!(s, Step::Related(_))) {
             if let Some(key) = key_json_of(parent, join, &eq) {
-                if let Some((p, _)) = self.counts.get(&(parent.spec.name.clone(), key)) {
+                if let Some((p, _)) = self.counts.get(&RowKey::new(&parent.spec.name, key)) {
                     let p = p.clone();
                     self.roots_above(ev, up, &p, out)?;
                 }

@@ -7,6 +7,7 @@ pub mod filter;
 pub mod ivm;
 pub mod like;
 pub mod plan;
+pub mod rowkey;
 pub mod schema;
 pub mod value;
 
@@ -14,3 +15,4 @@ pub use ast::{parse_ast, Ast};
 pub use error::ZqlError;
 pub use eval::{evaluate, evaluate_plan, row_key_json, Evaluation, Node, Source};
 pub use plan::{compile, Plan};
+pub use rowkey::RowKey;
