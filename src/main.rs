@@ -3,6 +3,9 @@ use std::sync::{Arc, Mutex};
 use zcache::config::{Config, LogFormat};
 use zcache::embedded::{demo, pgcluster::PgCluster};
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Whether stderr carries JSON lines only (`--log-format json`): set once, at start-up.
 static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
