@@ -280,7 +280,10 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
     let _ = stream.set_nodelay(true);
     let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
     let (reader, writer) = futures_lite::io::split(stream);
-    let (tx, rx) = local_channel::new_bounded(OUTBOUND_FRAMES_MAX);
+    // Unbounded: `Outflow` holds the queue to its limits, and glommio's bounded channels
+    // allocate their whole capacity up front (4,096 frames: 160 KB a socket, touched as
+    // the ring turns).
+    let (tx, rx) = local_channel::new_unbounded();
     let flow = Rc::new(Outflow::default());
     let shutdown = move || {
         // Safety: the writer calls this while it holds the write half, so the socket (and
@@ -398,7 +401,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
     // task of their own, while this loop keeps reading: a ping is answered even while the
     // group's record loads, or a hydration or a slow app server holds up the message before
     // it (zero-cache answers pings at once too).
-    let (ops, queued) = local_channel::new_bounded(CLIENT_MESSAGES_QUEUED_MAX);
+    // Boxed: the channel's slots are allocated up front, and a message is 216 bytes.
+    let (ops, queued) = local_channel::new_bounded::<Box<Upstream>>(CLIENT_MESSAGES_QUEUED_MAX);
     let worker = glommio::spawn_local(handle_in_order(
         shard.clone(),
         group.clone(),
@@ -407,7 +411,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
     ));
     let mut result = match sec.init_connection {
         Some(init) => ops
-            .send(Upstream::InitConnection(init))
+            .send(Box::new(Upstream::InitConnection(init)))
             .await
             .map_err(|_| ProtocolError::new(ErrorKind::Internal, "message queue closed")),
         None => Ok(()),
@@ -420,7 +424,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, req: UpgradeRequest,
                     Ok(())
                 }
                 // Full: the reader waits (the client is told nothing until a slot frees).
-                Ok(msg) => match ops.send(msg).await {
+                Ok(msg) => match ops.send(Box::new(msg)).await {
                     Ok(()) => Ok(()),
                     Err(_) => break, // the worker ended: the socket failed
                 },
@@ -467,7 +471,7 @@ async fn handle_in_order(
     shard: Rc<Shard>,
     group: Rc<Group>,
     conn: Rc<Conn>,
-    queued: local_channel::LocalReceiver<Upstream>,
+    queued: local_channel::LocalReceiver<Box<Upstream>>,
 ) -> bool {
     if let Err(e) = group.connect(conn.clone()).await {
         conn.fail(&e);
@@ -477,7 +481,7 @@ async fn handle_in_order(
         if conn.closed.get() {
             break;
         }
-        if let Err(e) = handle_message(&shard, &group, &conn, msg).await {
+        if let Err(e) = handle_message(&shard, &group, &conn, *msg).await {
             conn.fail(&e);
             break;
         }
@@ -699,7 +703,10 @@ mod tests {
     #[test]
     fn lagging_writer_stops_inside_a_stuck_write_and_discards_the_queue() {
         run_local(|| async {
-            let (tx, rx) = local_channel::new_bounded(OUTBOUND_FRAMES_MAX);
+            // Unbounded: `Outflow` holds the queue to its limits, and glommio's bounded channels
+            // allocate their whole capacity up front (4,096 frames: 160 KB a socket, touched as
+            // the ring turns).
+            let (tx, rx) = local_channel::new_unbounded();
             let flow = Rc::new(Outflow::default());
             let shut = Rc::new(Cell::new(false));
             let shut2 = shut.clone();
@@ -727,7 +734,10 @@ mod tests {
     #[test]
     fn writer_drains_in_order_until_the_close_frame() {
         run_local(|| async {
-            let (tx, rx) = local_channel::new_bounded(OUTBOUND_FRAMES_MAX);
+            // Unbounded: `Outflow` holds the queue to its limits, and glommio's bounded channels
+            // allocate their whole capacity up front (4,096 frames: 160 KB a socket, touched as
+            // the ring turns).
+            let (tx, rx) = local_channel::new_unbounded();
             let flow = Rc::new(Outflow::default());
             let sink = Rc::new(std::cell::RefCell::new(Vec::new()));
             let shut = Rc::new(Cell::new(false));
