@@ -33,6 +33,8 @@ pub const OUTBOUND_BYTES_MAX: usize = 16 * 1024 * 1024;
 pub const CLOSE_CODE_TRY_AGAIN_LATER: u16 = 1013;
 /// WebSocket close code of a connect refused for its credentials (zero-cache's).
 pub const CLOSE_CODE_REFUSED: u16 = 3000;
+/// Queued frames the writer joins into one send, at most (more wait for the next).
+const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
 /// Time the writer gives the close frame of a lagging client before dropping the socket.
 const LAGGING_CLOSE_TIMEOUT_MS: u64 = 1000;
 
@@ -86,6 +88,13 @@ impl Outflow {
         self.bytes.set(bytes + len);
         self.frames.set(frames + 1);
         true
+    }
+
+    /// Frames that were counted together, (frames, bytes), left the queue.
+    pub fn release_many(&self, (frames, bytes): (usize, usize)) {
+        debug_assert!(self.frames.get() >= frames && self.bytes.get() >= bytes);
+        self.bytes.set(self.bytes.get().saturating_sub(bytes));
+        self.frames.set(self.frames.get().saturating_sub(frames));
     }
 
     /// One frame of `len` bytes left the queue (written, discarded, or never sent).
@@ -582,6 +591,41 @@ async fn write_loop<W: futures_lite::io::AsyncWrite + Unpin>(
     let _ = ws.into_inner().close().await;
 }
 
+/// Takes the frames queued behind `first` (up to WRITE_BATCH_BYTES_MAX, and not past a
+/// close frame) into one buffer, so a poke's frames go out in one send: a send per frame was
+/// a third of a shard's time at 10,000 sockets. Returns the bytes to write, what each frame
+/// counted in `Outflow` (frames, bytes), and whether a close frame ends them.
+async fn gather(
+    rx: &local_channel::LocalReceiver<Outbound>,
+    first: Outbound,
+) -> (Bytes, (usize, usize), bool) {
+    let mut counted = (1, first.len());
+    let (first, mut last) = match first {
+        Outbound::Frame(f) => (f, false),
+        Outbound::Close(f) => (f, true),
+    };
+    let mut joined: Option<Vec<u8>> = None;
+    while !last && counted.1 < WRITE_BATCH_BYTES_MAX {
+        let Some(Some(next)) = futures_lite::future::poll_once(rx.recv()).await else {
+            break;
+        };
+        counted = (counted.0 + 1, counted.1 + next.len());
+        let frame = match next {
+            Outbound::Frame(f) => f,
+            Outbound::Close(f) => {
+                last = true;
+                f
+            }
+        };
+        joined
+            .get_or_insert_with(|| first.to_vec())
+            .extend_from_slice(&frame);
+    }
+    let bytes = joined.map_or(first, Bytes::from);
+    debug_assert_eq!(bytes.len(), counted.1);
+    (bytes, counted, last)
+}
+
 async fn write_frames<W: futures_lite::io::AsyncWrite + Unpin>(
     ws: &mut WsWriter<W>,
     rx: &local_channel::LocalReceiver<Outbound>,
@@ -599,17 +643,13 @@ async fn write_frames<W: futures_lite::io::AsyncWrite + Unpin>(
             Some(None) => return WriteEnd::Done,
             Some(Some(item)) => item,
         };
-        let len = item.len();
-        let (frame, last) = match item {
-            Outbound::Frame(f) => (f, false),
-            Outbound::Close(f) => (f, true),
-        };
+        let (frame, len, last) = gather(rx, item).await;
         let sent = or(async { Some(ws.send_frame(&frame).await) }, async {
             flow.lagging().await;
             None
         })
         .await;
-        flow.release(len);
+        flow.release_many(len);
         match sent {
             None => return WriteEnd::LaggingMidFrame,
             Some(Err(_)) => return WriteEnd::Done,
