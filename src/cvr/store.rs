@@ -325,7 +325,11 @@ mod tests {
                     table: "issue".into(),
                     key: format!("{{\"id\":\"g{g}i{i}\"}}"),
                     patch: "0a".into(),
-                    queries: if i == 1 { vec!["q\"1".into()] } else { vec!["q1".into()] },
+                    queries: if i == 1 {
+                        vec!["q\"1".into()]
+                    } else {
+                        vec!["q1".into()]
+                    },
                     digest: if i == 0 { None } else { Some(u64::MAX) },
                 })
                 .collect()

@@ -37,6 +37,11 @@ pub struct Group {
     pending: RefCell<Pending>,
     /// The shared queries' catch-up this group's query rows are at (`shared`).
     shared_seq: Cell<u64>,
+    /// A hydration ran in a snapshot holding versions not yet announced to the shard (up to
+    /// this replica watermark): the shared queries it copied lack their changes until those
+    /// are announced and pushed, so the group is not poked before (a poke would show a state
+    /// that never was: a mutation's lastMutationID without its rows, say).
+    poke_owed_at: Cell<Option<u64>>,
     /// The queries' generation the shard's routes were last given (None: never).
     routes_generation: Cell<Option<u64>>,
     /// The replica commit of the oldest pending version that came while a socket was open
@@ -94,6 +99,7 @@ impl Group {
             lock: glommio::sync::Semaphore::new(1),
             pending: RefCell::new(Pending::tables_only()),
             shared_seq: Cell::new(0),
+            poke_owed_at: Cell::new(None),
             routes_generation: Cell::new(None),
             pending_since: Cell::new(None),
             persist: RefCell::new(None),
@@ -331,7 +337,7 @@ impl Group {
         self.queries.borrow_mut().mark_named_stale();
         self.queries.borrow_mut().mark_legacy_stale();
         self.hydrate(shard).await?;
-        self.poke_all();
+        self.poke_all(shard);
         Ok(())
     }
 
@@ -340,7 +346,7 @@ impl Group {
     pub async fn rehydrate(self: &Rc<Self>, shard: &Rc<Shard>) -> GroupResult<()> {
         let _permit = self.locked().await?;
         self.hydrate(shard).await?;
-        self.poke_all();
+        self.poke_all(shard);
         Ok(())
     }
 
@@ -408,9 +414,9 @@ impl Group {
             self.cvr.borrow_mut().ensure_client(client_id);
         }
         self.tick_ttl_clock();
-        let deleted = self.apply_config(client_id, &update);
+        let deleted = self.apply_config(shard, client_id, &update);
         self.hydrate(shard).await?;
-        self.poke_all();
+        self.poke_all(shard);
         // Acked to every socket, only when the request named clients to delete; it lists
         // those removed through activeClients too.
         if !deleted.is_empty() && !update.deleted.is_empty() {
@@ -423,7 +429,7 @@ impl Group {
     /// Records desired-query changes and client deletions at one config version and pokes
     /// them (the first of zero-cache's two pokes per added query). Returns the clients
     /// deleted (`Cvr::clients_to_delete`).
-    fn apply_config(&self, client_id: &str, update: &ConfigUpdate) -> Vec<String> {
+    fn apply_config(&self, shard: &Shard, client_id: &str, update: &ConfigUpdate) -> Vec<String> {
         let mut cvr = self.cvr.borrow_mut();
         let at = cvr.next_config_version();
         let to_delete = cvr.clients_to_delete(client_id, update.active_clients, update.deleted);
@@ -458,7 +464,7 @@ impl Group {
         if changed {
             cvr.version = at;
             drop(cvr);
-            self.poke_all();
+            self.poke_all(shard);
         }
         to_delete
     }
@@ -514,7 +520,7 @@ impl Group {
         if !expired.is_empty() {
             tracing::debug!(group = %self.id, queries = ?expired, "queries expired");
             self.hydrate(shard).await?;
-            self.poke_all();
+            self.poke_all(shard);
         }
         self.schedule_eviction(shard);
         Ok(())
@@ -541,11 +547,25 @@ impl Group {
         }
         let mut failed = Vec::new();
         // A snapshot may hold versions not announced yet: the shared queries then lack their
-        // changes until they are announced and pushed by the next catch-up (the client sees
-        // them a poke later), as a group advancing meanwhile would.
+        // changes until they are announced and pushed by a catch-up of their own, and the
+        // group owes its poke until then (`poke_all`). Waiting for the announcement instead
+        // starved hydrations: under load nearly every new snapshot is ahead of them.
         let hydrated = self.in_snapshot(shard, |reader, cvr, at| {
+            let watermark = reader.snapshot_watermark();
+            let early = watermark > shard.last_version.get();
             let mut shared = shard.shared.borrow_mut();
-            let mut changed = self.catch_up_in_snapshot(shard, reader, &mut shared, cvr, at)?;
+            let mut changed = if early {
+                // The shared queries stay where the announcements are (a push in a snapshot
+                // ahead of them would fetch rows with changes it is not pushing, and pushing
+                // those later would apply them twice); a query hydrated here knows its
+                // snapshot (`SharedQueries::acquire`).
+                let owed = self.poke_owed_at.get().unwrap_or(0).max(watermark);
+                self.poke_owed_at.set(Some(owed));
+                self.apply_shared(shard, Some(reader), &mut shared, cvr, at)?
+                    .unwrap_or_default()
+            } else {
+                self.catch_up_in_snapshot(shard, reader, &mut shared, cvr, at)?
+            };
             for hash in cvr.expired_queries() {
                 self.queries.borrow_mut().forget(&hash);
                 changed |= cvr.remove_query(&hash, at);
@@ -763,7 +783,8 @@ impl Group {
     /// `advance` for a caller that holds the lock.
     fn advance_locked(&self, shard: &Shard) -> GroupResult<()> {
         let pending = std::mem::replace(&mut *self.pending.borrow_mut(), Pending::tables_only());
-        if pending.is_empty() {
+        let owed = self.poke_owed_at.get().is_some();
+        if pending.is_empty() && !owed {
             return Ok(());
         }
         let started = Instant::now();
@@ -809,8 +830,8 @@ impl Group {
         }
         self.sync_routes(shard);
         let since = self.pending_since.take();
-        if changed {
-            self.poke_all();
+        if changed || owed {
+            self.poke_all(shard);
             if let Some(t) = since {
                 crate::metrics::observe_since(crate::metrics::Timing::PokeLatency, t);
             }
@@ -821,9 +842,17 @@ impl Group {
 
     /// Brings every socket of the group to the CVR's version. Sockets at the same cookie
     /// share one encoding of the poke.
-    pub fn poke_all(&self) {
+    pub fn poke_all(&self, shard: &Shard) {
         if let Some(p) = self.persist.borrow().as_ref() {
             p.mark_dirty(&self.id);
+        }
+        if let Some(owed_at) = self.poke_owed_at.get() {
+            if owed_at > shard.last_version.get() {
+                // The announcement's advance pokes (with whatever came meanwhile).
+                shard.advance_at_next_version(&self.id);
+                return;
+            }
+            self.poke_owed_at.set(None);
         }
         let cvr = self.cvr.borrow();
         let to = cvr.version;

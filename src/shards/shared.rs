@@ -50,6 +50,10 @@ struct Entry {
     changed_at: u64,
     /// The current result as shared rows, made at the first copy after a change.
     rows: Option<Rc<QueryRows>>,
+    /// The replica watermark of the snapshot it was hydrated in. A snapshot may hold
+    /// versions not yet announced: their changes are in this result already, and pushing
+    /// them when they are announced would apply them twice.
+    hydrated_at: u64,
 }
 
 /// One catch-up (or a run of them that changed nothing): from one `seq` to the next, the
@@ -76,6 +80,8 @@ pub struct SharedQueries {
     seq: u64,
     /// What changed since `state`.
     pending: Pending,
+    /// The oldest version in `pending` (None: nothing pending).
+    pending_from: Option<u64>,
     log: VecDeque<Step>,
     log_rows: usize,
     log_steps_max: usize,
@@ -104,6 +110,7 @@ impl SharedQueries {
             state: 0,
             seq: 0,
             pending: Pending::default(),
+            pending_from: None,
             log: VecDeque::new(),
             log_rows: 0,
             log_steps_max,
@@ -135,6 +142,10 @@ impl SharedQueries {
     /// A version announced to the shard: its changes wait for the next catch-up.
     pub fn note(&mut self, v: &VersionReady) {
         self.pending.note(v);
+        let from = self
+            .pending_from
+            .map_or(v.watermark, |f| f.min(v.watermark));
+        self.pending_from = Some(from);
     }
 
     pub fn live(&self, key: &str) -> Option<&LiveQuery> {
@@ -153,6 +164,7 @@ impl SharedQueries {
         let seq = self.seq + 1;
         self.sweep();
         let pending = std::mem::take(&mut self.pending);
+        let pending_from = self.pending_from.take();
         let changes = if pending.is_empty() {
             Some(Vec::new())
         } else {
@@ -167,9 +179,12 @@ impl SharedQueries {
             if !pending.tables.iter().any(|t| live.reads(t)) {
                 continue;
             }
+            // Hydrated in a snapshot that held some of the pending versions: their changes
+            // are in it already, and the others cannot be told apart (they are one net set).
+            let has_some = pending_from.is_some_and(|from| entry.hydrated_at >= from);
             let diff = match &changes {
-                Some(changes) => push(live, changes, reader),
-                None => rehydrate(live, &entry.ast, reader),
+                Some(changes) if !has_some => push(live, changes, reader),
+                _ => rehydrate(live, &entry.ast, reader),
             };
             match diff {
                 Ok(diff) if diff.is_empty() => {}
@@ -227,17 +242,15 @@ impl SharedQueries {
     }
 
     /// A hold on the query of `ast` at the current state, hydrating it in `reader`'s open
-    /// snapshot if no group holds it yet (the snapshot must be the one caught up to).
+    /// snapshot if no group holds it yet. That snapshot is the one caught up to, or one
+    /// ahead of the versions announced (a hydration does not wait for them): the query's
+    /// next catch-up then hydrates it again instead of pushing changes it already has.
     pub fn acquire(
         &mut self,
         ast: &Rc<Ast>,
         reader: &ReplicaReader,
         indexes: &IndexRequests,
     ) -> Result<SharedHandle, ZqlError> {
-        debug_assert!(
-            reader.snapshot_watermark() <= self.state,
-            "acquired before a catch-up"
-        );
         let key = query_key(ast);
         if let Some(e) = self.entries.get(&key) {
             if e.live.is_some() {
@@ -272,6 +285,7 @@ impl SharedQueries {
                 hold: hold.clone(),
                 changed_at: self.seq,
                 rows: None,
+                hydrated_at: reader.snapshot_watermark(),
             },
         );
         Ok(SharedHandle { key, _hold: hold })
