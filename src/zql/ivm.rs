@@ -316,16 +316,21 @@ impl LiveQuery {
         let reached = ev.subtree(root, row.clone())?;
         let mut list = Vec::with_capacity(reached.len());
         for (k, (r, n)) in reached {
-            match self.counts.entry(k.clone()) {
+            // The key the counts already hold, when they do: every copy of a row's key
+            // (touched sets, the groups' records) then shares one, and compares by pointer.
+            let k = match self.counts.entry(k) {
                 std::collections::hash_map::Entry::Occupied(mut e) => {
                     let entry = e.get_mut();
                     entry.0 = r;
                     entry.1 += n;
+                    e.key().clone()
                 }
                 std::collections::hash_map::Entry::Vacant(e) => {
+                    let k = e.key().clone();
                     e.insert((r, n));
+                    k
                 }
-            }
+            };
             if let Some(touched) = touched.as_deref_mut() {
                 touched.insert(k.clone());
             }
