@@ -392,18 +392,20 @@ fn a_cookie_from_before_a_restart_gets_a_diff() {
     .expect("update");
     let live = read_poke(&mut ws);
     assert_eq!(live.rows.len(), 1, "{:?}", live.rows);
-    // Written behind the pokes: wait until the store has the client's cookie.
+    // Written behind the pokes: wait until the store has the client's cookie, and the
+    // edited row's contents (written in a later round than the version: `digestsAt`).
     let stored = || {
         pg.psql(
             "app",
-            "SELECT version FROM \"ztest_0/zcvr\".instances WHERE \"clientGroupID\" = 'g1'",
+            "SELECT version || ' ' || coalesce(\"digestsAt\", '') FROM \"ztest_0/zcvr\".instances \
+             WHERE \"clientGroupID\" = 'g1'",
         )
         .unwrap_or_default()
         .trim()
         .to_string()
     };
     let deadline = Instant::now() + WAIT;
-    while stored() != live.cookie {
+    while stored() != format!("{} {}", live.cookie, live.cookie) {
         assert!(
             Instant::now() < deadline,
             "CVR never stored at {}",

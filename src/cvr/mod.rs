@@ -229,8 +229,15 @@ pub struct Cvr {
     pub mutation_results: BTreeMap<(String, u64), (Option<String>, Version)>,
     /// The client schema the group's first connection sent.
     pub client_schema: Option<serde_json::Value>,
-    /// Row records changed since the last `take_flush`.
+    /// Row records whose queries changed (or that became tombstones) since the last
+    /// `take_flush`: written at the next one.
     dirty_rows: FastSet<RowKey>,
+    /// Live row records whose contents alone changed since they were last written: written
+    /// by a `take_flush` with contents. Until then the stored digests are exact only up to
+    /// `digests_stored_at`, which the store keeps with the version.
+    dirty_contents: FastSet<RowKey>,
+    /// The version up to which the stored row digests are those of the contents sent.
+    digests_stored_at: Version,
     /// The version the store last got (None: never flushed, or a flush failed).
     flushed_version: Option<Version>,
     /// The digest of the configuration the store last got (None: not known to be stored).
@@ -253,6 +260,8 @@ impl Cvr {
             mutation_results: BTreeMap::new(),
             client_schema: None,
             dirty_rows: FastSet::default(),
+            dirty_contents: FastSet::default(),
+            digests_stored_at: Version::default(),
             flushed_version: None,
             flushed_config: None,
         }
@@ -537,8 +546,7 @@ impl Cvr {
     }
 
     fn ref_row(&mut self, key: RowKey, data: Rc<RowData>, added: bool, at: Version) -> bool {
-        self.dirty_rows.insert(key.clone());
-        let rec = self.rows.entry(key).or_insert(RowRecord {
+        let rec = self.rows.entry(key.clone()).or_insert(RowRecord {
             refs: 0,
             patch: at,
             contents: None,
@@ -559,6 +567,13 @@ impl Cvr {
         }
         rec.digest = data.digest;
         rec.contents = Some(data);
+        if added || !was_live {
+            self.dirty_rows.insert(key);
+        } else if !same {
+            // Only its contents changed: written with the next round of contents
+            // (`take_flush`), most pokes being nothing else.
+            self.dirty_contents.insert(key);
+        }
         !same
     }
 

@@ -79,6 +79,10 @@ pub fn row_digest(row: &Row) -> u64 {
     fnv1a(json.as_bytes())
 }
 
+/// The digest of a loaded row whose sent contents are unknown (`from_stored`). A real digest
+/// equals it with probability 2^-64; the row is then not sent again.
+const DIGEST_UNKNOWN: u64 = 0;
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
     for b in bytes {
@@ -89,13 +93,19 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 impl Cvr {
-    /// The writes since the last flush, or None when there are none. Marks them flushed:
-    /// a caller whose write fails must call `mark_all_dirty`.
-    pub fn take_flush(&mut self) -> Option<FlushBatch> {
-        if !self.has_unflushed() {
+    /// The writes since the last flush, or None when there are none; `contents`: with the
+    /// row records whose contents alone changed (otherwise they wait, and the batch says
+    /// up to which version the stored digests are exact). Marks them flushed: a caller
+    /// whose write fails must call `mark_all_dirty`.
+    pub fn take_flush(&mut self, contents: bool) -> Option<FlushBatch> {
+        let contents = contents && !self.dirty_contents.is_empty();
+        if !self.has_unflushed() && !contents {
             return None;
         }
-        let dirty = std::mem::take(&mut self.dirty_rows);
+        let mut dirty = std::mem::take(&mut self.dirty_rows);
+        if contents {
+            dirty.extend(std::mem::take(&mut self.dirty_contents));
+        }
         let mut reaching: super::FastMap<&RowKey, Vec<String>> = Default::default();
         for (hash, q) in &self.queries {
             for key in q.keys.iter().filter(|k| dirty.contains(*k)) {
@@ -126,9 +136,13 @@ impl Cvr {
         let config_digest = fnv1a(config.as_bytes());
         let config = (self.flushed_config != Some(config_digest)).then_some(config);
         self.flushed_config = Some(config_digest);
+        if self.dirty_contents.is_empty() {
+            self.digests_stored_at = self.version;
+        }
         Some(FlushBatch {
             group: self.id.clone(),
             version: self.version.cookie(),
+            digests_at: self.digests_stored_at.cookie(),
             config,
             rows,
         })
@@ -151,9 +165,15 @@ impl Cvr {
     }
 
     /// Everything is written again at the next flush (after a failed one).
+    /// Whether row contents wait for a `take_flush` with contents.
+    pub fn has_deferred_contents(&self) -> bool {
+        !self.dirty_contents.is_empty()
+    }
+
     pub fn mark_all_dirty(&mut self) {
         self.flushed_version = None;
         self.flushed_config = None;
+        self.dirty_contents.clear();
         self.dirty_rows = self.rows.keys().cloned().collect();
     }
 
@@ -246,6 +266,14 @@ impl Cvr {
             cvr.mutation_results
                 .insert((client, mid), (result, cookie(&v)?));
         }
+        // Contents sent after the stored digests were made are unknown: every live row
+        // counts as changed (a digest no contents have), so hydrating again sends it.
+        let digests_at = match &loaded.digests_at {
+            Some(d) => cookie(d)?,
+            None => version,
+        };
+        let digests_stale = digests_at < version;
+        cvr.digests_stored_at = digests_at;
         for r in loaded.rows {
             let key = RowKey::new(&r.table, r.key);
             for hash in &r.queries {
@@ -258,7 +286,10 @@ impl Cvr {
                 refs: r.queries.len() as u32,
                 patch: cookie(&r.patch)?,
                 contents: None,
-                digest: r.digest.unwrap_or(0),
+                digest: match r.digest {
+                    Some(_) if digests_stale => DIGEST_UNKNOWN,
+                    d => d.unwrap_or(0),
+                },
             };
             cvr.rows.insert(key, record);
         }
@@ -364,13 +395,15 @@ mod tests {
         );
         cvr.version = v3;
         cvr.set_client_schema(serde_json::json!({"tables": {"issue": {"primaryKey": ["id"]}}}));
-        let batch = cvr.take_flush().expect("writes");
+        let batch = cvr.take_flush(true).expect("writes");
         assert!(
-            cvr.take_flush().is_none(),
+            cvr.take_flush(true).is_none(),
             "a second flush has nothing to write"
         );
+        assert_eq!(batch.digests_at, batch.version);
         let loaded = Loaded {
             version: batch.version,
+            digests_at: Some(batch.digests_at),
             config: batch
                 .config
                 .expect("a first flush writes the configuration"),
@@ -437,24 +470,59 @@ mod tests {
         assert_eq!(row_ops(&back, Some(v3)), vec!["del \"i1\"", "put \"i2\""]);
         // A client from before everything gets every live row and no tombstones' puts.
         assert_eq!(row_ops(&back, None), vec!["put \"i2\"", "put \"i3\""]);
-        // The flush after it writes exactly the rows that changed, and the configuration
-        // (its queries' versions moved).
-        let batch = back.take_flush().expect("writes");
+        // The flush after it writes the rows that entered or left queries, and the
+        // configuration (its queries' versions moved); i2's new contents wait for a round
+        // of contents, and until then the digests are exact at v3 only.
+        let batch = back.take_flush(false).expect("writes");
         assert!(batch.config.is_some());
-        let written: Vec<(&str, &[String])> = batch
-            .rows
-            .iter()
-            .map(|r| (r.key.as_str(), r.queries.as_slice()))
-            .collect();
-        let q2 = ["q2".to_string()];
-        let q12 = ["q1".to_string(), "q2".to_string()];
+        let written = |batch: &FlushBatch| -> Vec<(String, Vec<String>)> {
+            batch
+                .rows
+                .iter()
+                .map(|r| (r.key.clone(), r.queries.clone()))
+                .collect()
+        };
+        assert_eq!(written(&batch), vec![("{\"id\":\"i1\"}".into(), vec![])]);
+        assert_eq!(batch.digests_at, v3.cookie());
+        assert!(back.has_deferred_contents());
+        let batch = back.take_flush(true).expect("contents");
         assert_eq!(
-            written,
-            vec![
-                ("{\"id\":\"i1\"}", &[][..]),
-                ("{\"id\":\"i2\"}", &q12[..]),
-                ("{\"id\":\"i3\"}", &q2[..]),
-            ]
+            written(&batch),
+            vec![("{\"id\":\"i2\"}".into(), vec!["q1".into(), "q2".into()])]
+        );
+        assert_eq!(batch.digests_at, v4.cookie());
+        assert!(back.take_flush(true).is_none());
+    }
+
+    #[test]
+    fn a_load_with_stale_digests_sends_every_live_row_again() {
+        let (cvr, _, v3) = stored_and_loaded();
+        let v2 = Version {
+            state: 10,
+            config: 0,
+        };
+        // As stored by a flush whose contents waited: digests exact at v2 only.
+        let mut cvr = cvr;
+        cvr.mark_all_dirty();
+        let batch = cvr.take_flush(true).expect("writes");
+        let loaded = Loaded {
+            version: batch.version,
+            digests_at: Some(v2.cookie()),
+            config: batch.config.expect("configuration"),
+            rows: batch.rows,
+        };
+        let mut back = Cvr::from_stored("g1", loaded).expect("loads");
+        let v4 = Version {
+            state: 20,
+            config: 0,
+        };
+        // The same contents as stored: i2 may have been sent other contents meanwhile.
+        back.set_query_rows("q1", &rows(&[("i1", "one"), ("i2", "two")]), v4);
+        back.set_query_rows("q2", &rows(&[("i2", "two"), ("i3", "three")]), v4);
+        back.version = v4;
+        assert_eq!(
+            row_ops(&back, Some(v3)),
+            vec!["put \"i1\"", "put \"i2\"", "put \"i3\""]
         );
     }
 
@@ -462,8 +530,9 @@ mod tests {
     fn a_failed_flush_writes_everything_again() {
         let (mut cvr, _, _) = stored_and_loaded();
         cvr.mark_all_dirty();
-        let batch = cvr.take_flush().expect("writes");
+        let batch = cvr.take_flush(false).expect("writes");
         assert_eq!(batch.rows.len(), cvr.rows.len());
+        assert_eq!(batch.digests_at, batch.version);
         assert!(batch.config.is_some(), "the failed write may have lost it");
     }
 
@@ -474,17 +543,20 @@ mod tests {
             state: v3.state + 1,
             config: 0,
         };
-        assert!(cvr.set_query_rows("q1", &rows(&[("i1", "one, edited")]), v4));
+        assert!(cvr.set_query_rows("q1", &rows(&[("i1", "one, edited"), ("i2", "two")]), v4));
         cvr.version = v4;
-        let batch = cvr.take_flush().expect("writes");
+        let batch = cvr.take_flush(false).expect("writes");
         assert_eq!(batch.version, v4.cookie());
         assert_eq!(batch.config, None);
-        assert!(batch.rows.iter().any(|r| r.key.contains("i1")));
+        assert!(batch.rows.is_empty(), "{:?}", batch.rows);
+        assert_eq!(batch.digests_at, v3.cookie());
         let v5 = cvr.next_config_version();
         cvr.set_lmids([("c1".to_string(), 8)].into(), v5);
         cvr.version = v5;
-        let batch = cvr.take_flush().expect("writes");
+        let batch = cvr.take_flush(true).expect("writes");
         assert!(batch.config.is_some_and(|c| c.contains('8')));
+        assert!(batch.rows.iter().any(|r| r.key.contains("i1")));
+        assert_eq!(batch.digests_at, v5.cookie());
     }
 
     #[test]
@@ -494,6 +566,7 @@ mod tests {
                 "g",
                 Loaded {
                     version: version.into(),
+                    digests_at: None,
                     config: config.into(),
                     rows: vec![],
                 },
@@ -508,6 +581,7 @@ mod tests {
             "g",
             Loaded {
                 version: "0a".into(),
+                digests_at: None,
                 config: empty.into(),
                 rows: vec![StoredRow {
                     table: "issue".into(),

@@ -38,6 +38,9 @@ pub enum StoreError {
 pub struct FlushBatch {
     pub group: String,
     pub version: String,
+    /// The version up to which the stored row digests are those of the contents sent
+    /// (row writes of contents alone are deferred: `Cvr::take_flush`).
+    pub digests_at: String,
     pub config: Option<String>,
     pub rows: Vec<StoredRow>,
 }
@@ -46,6 +49,8 @@ pub struct FlushBatch {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Loaded {
     pub version: String,
+    /// None: written by a zcache that wrote every row change (the digests are exact).
+    pub digests_at: Option<String>,
     pub config: String,
     pub rows: Vec<StoredRow>,
 }
@@ -86,7 +91,8 @@ impl CvrStore {
                \"patchVersion\" TEXT NOT NULL,
                queries JSONB NOT NULL,
                digest BIGINT,
-               PRIMARY KEY (\"clientGroupID\", \"table\", \"rowKey\"));"
+               PRIMARY KEY (\"clientGroupID\", \"table\", \"rowKey\"));
+             ALTER TABLE {s}.instances ADD COLUMN IF NOT EXISTS \"digestsAt\" TEXT;"
         );
         self.run(&sql).await.map(drop)
     }
@@ -96,7 +102,8 @@ impl CvrStore {
         let s = &self.schema;
         let g = literal(group)?;
         let sql = format!(
-            "SELECT version, config::text FROM {s}.instances WHERE \"clientGroupID\" = {g};
+            "SELECT version, config::text, \"digestsAt\" FROM {s}.instances
+               WHERE \"clientGroupID\" = {g};
              SELECT \"table\", \"rowKey\", \"patchVersion\", queries::text, digest
                FROM {s}.rows WHERE \"clientGroupID\" = {g};"
         );
@@ -110,7 +117,7 @@ impl CvrStore {
         let Some(first) = instance.rows.into_iter().next() else {
             return Ok(None);
         };
-        let [Some(version), Some(config)] = <[Option<String>; 2]>::try_from(first)
+        let [Some(version), Some(config), digests_at] = <[Option<String>; 3]>::try_from(first)
             .map_err(|_| corrupt(group, "instance row of the wrong width"))?
         else {
             return Err(corrupt(group, "instance row with nulls"));
@@ -122,6 +129,7 @@ impl CvrStore {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(Loaded {
             version,
+            digests_at,
             config,
             rows,
         }))
@@ -179,29 +187,33 @@ fn write_batches(schema: &str, batches: &[FlushBatch], sql: &mut String) -> Resu
             push_literal(sql, &b.version)?;
             sql.push(',');
             push_literal(sql, config)?;
-            sql.push_str("::jsonb,now())");
+            sql.push_str("::jsonb,now(),");
+            push_literal(sql, &b.digests_at)?;
+            sql.push(')');
         }
         sql.push_str(
             " ON CONFLICT (\"clientGroupID\") DO UPDATE SET
                version = EXCLUDED.version, config = EXCLUDED.config,
-               \"lastActive\" = EXCLUDED.\"lastActive\";",
+               \"lastActive\" = EXCLUDED.\"lastActive\", \"digestsAt\" = EXCLUDED.\"digestsAt\";",
         );
     }
     let moved: Vec<&FlushBatch> = batches.iter().filter(|b| b.config.is_none()).collect();
     if !moved.is_empty() {
         let _ = write!(
             sql,
-            "UPDATE {schema}.instances AS i SET version = v.version, \"lastActive\" = now()
-               FROM (VALUES "
+            "UPDATE {schema}.instances AS i SET version = v.version, \"lastActive\" = now(),
+               \"digestsAt\" = v.digests FROM (VALUES "
         );
         for (i, b) in moved.iter().enumerate() {
             sql.push_str(if i == 0 { "(" } else { ",(" });
             push_literal(sql, &b.group)?;
             sql.push(',');
             push_literal(sql, &b.version)?;
+            sql.push(',');
+            push_literal(sql, &b.digests_at)?;
             sql.push(')');
         }
-        sql.push_str(") AS v(id, version) WHERE i.\"clientGroupID\" = v.id;");
+        sql.push_str(") AS v(id, version, digests) WHERE i.\"clientGroupID\" = v.id;");
     }
     let rows: Vec<(&str, &StoredRow)> = batches
         .iter()
@@ -337,6 +349,7 @@ mod tests {
         let batch = |g: usize, config: Option<&str>| FlushBatch {
             group: format!("g'{g}"),
             version: format!("0a:0{g}"),
+            digests_at: "0a".into(),
             config: config.map(str::to_string),
             rows: rows(g),
         };
@@ -349,7 +362,7 @@ mod tests {
         write_batches("\"s\"", &batches, &mut sql).expect("batches");
         assert_eq!(sql.matches("INSERT INTO \"s\".instances").count(), 1);
         assert_eq!(sql.matches("UPDATE \"s\".instances").count(), 1);
-        assert!(sql.contains("('g''2','0a:02')"), "{}", &sql[..400]);
+        assert!(sql.contains("('g''2','0a:02','0a')"), "{}", &sql[..400]);
         // 3,000 rows in statements of at most ROWS_PER_STATEMENT_MAX.
         assert_eq!(sql.matches("INSERT INTO \"s\".rows").count(), 3);
         assert_eq!(sql.matches("'g''3'").count(), ROWS_PER_STATEMENT_MAX + 1);

@@ -25,6 +25,13 @@ pub const FLUSH_GROUPS_PER_TRANSACTION_MAX: usize = 256;
 /// crash forgets this much more of the recent record: its clients' cookies are then
 /// unknown and they reset, as after any unwritten poke.
 pub const FLUSH_DELAY_MS: u64 = 1_000;
+/// How often row records whose contents alone changed are written. Between, a group's
+/// writes are its version and the rows that entered or left its queries: a poke of edited
+/// rows (most pokes) writes one row in the database, not one per row, which at 10,000
+/// groups was most of what the CVR database cost. A crash forgets up to this much of which
+/// contents were sent; the stored record says so (`digestsAt`), and a client of such a
+/// group is sent its rows again when it reconnects.
+pub const CONTENTS_FLUSH_INTERVAL_MS: u64 = 30_000;
 /// Backoff after a failed write, doubling up to the max.
 const FLUSH_RETRY_MS_MIN: u64 = 100;
 const FLUSH_RETRY_MS_MAX: u64 = 5_000;
@@ -41,6 +48,13 @@ pub struct CvrPersistence {
     loader: Link,
     /// Groups with writes not yet sent. Bounded by the shard's groups.
     dirty: RefCell<BTreeSet<String>>,
+    /// Groups whose row contents wait for their turn, in the order they began to wait.
+    /// Bounded likewise.
+    deferred: RefCell<Deferred>,
+    /// Groups whose row contents are written in this cycle: each cycle takes its share of
+    /// `deferred`, so that every group's turn comes within CONTENTS_FLUSH_INTERVAL_MS and
+    /// the writes are spread (all at once they held up pokes for a second).
+    with_contents: RefCell<BTreeSet<String>>,
     wake: LocalSender<()>,
     woken: RefCell<Option<LocalReceiver<()>>>,
 }
@@ -58,6 +72,8 @@ impl CvrPersistence {
             writer: Link::new(Some(store)),
             loader: Link::new(None),
             dirty: RefCell::new(BTreeSet::new()),
+            deferred: RefCell::new(Deferred::default()),
+            with_contents: RefCell::new(BTreeSet::new()),
             wake,
             woken: RefCell::new(Some(woken)),
         }))
@@ -92,10 +108,15 @@ impl CvrPersistence {
             return;
         };
         let mut retry_ms = FLUSH_RETRY_MS_MIN;
-        while woken.recv().await.is_some() {
+        loop {
+            // Contents waiting for their turn keep the cycles going without new changes.
+            if self.deferred.borrow().order.is_empty() && woken.recv().await.is_none() {
+                break;
+            }
             glommio::timer::sleep(Duration::from_millis(FLUSH_DELAY_MS)).await;
+            self.undefer_share();
             while !self.dirty.borrow().is_empty() {
-                match self.flush_some(&shard).await {
+                match self.flush_some(&shard, false).await {
                     Ok(()) => retry_ms = FLUSH_RETRY_MS_MIN,
                     Err(e) => {
                         tracing::warn!(error = %e, retry_ms, "CVR write failed; retrying");
@@ -110,8 +131,9 @@ impl CvrPersistence {
     /// Writes every dirty group now (at shutdown). Gives up after `attempts` failures.
     pub async fn flush_all(&self, shard: &Shard, attempts: usize) -> Result<(), StoreError> {
         let mut failures = 0;
+        self.undefer();
         while !self.dirty.borrow().is_empty() {
-            if let Err(e) = self.flush_some(shard).await {
+            if let Err(e) = self.flush_some(shard, true).await {
                 failures += 1;
                 if failures >= attempts {
                     return Err(e);
@@ -123,7 +145,7 @@ impl CvrPersistence {
 
     /// Writes one group's record now (before it is dropped from memory).
     pub async fn flush_group(&self, group: &super::group::Group) -> Result<(), StoreError> {
-        let Some(batch) = group.cvr.borrow_mut().take_flush() else {
+        let Some(batch) = group.cvr.borrow_mut().take_flush(true) else {
             return Ok(());
         };
         let result = self.write(std::slice::from_ref(&batch)).await;
@@ -134,8 +156,36 @@ impl CvrPersistence {
         result
     }
 
-    /// One transaction of up to FLUSH_GROUPS_PER_TRANSACTION_MAX groups.
-    async fn flush_some(&self, shard: &Shard) -> Result<(), StoreError> {
+    /// Every group whose contents waited is written with the next round.
+    fn undefer(&self) {
+        self.undefer_n(usize::MAX);
+    }
+
+    /// This cycle's share of the groups whose contents wait, the longest waiting first: a
+    /// cycle every FLUSH_DELAY_MS, so each group's turn comes within about
+    /// CONTENTS_FLUSH_INTERVAL_MS.
+    fn undefer_share(&self) {
+        let cycles = (CONTENTS_FLUSH_INTERVAL_MS / FLUSH_DELAY_MS).max(1) as usize;
+        let share = self.deferred.borrow().order.len().div_ceil(cycles);
+        self.undefer_n(share);
+    }
+
+    fn undefer_n(&self, n: usize) {
+        let mut deferred = self.deferred.borrow_mut();
+        let mut with_contents = self.with_contents.borrow_mut();
+        let mut dirty = self.dirty.borrow_mut();
+        for _ in 0..n {
+            let Some(id) = deferred.pop() else {
+                break;
+            };
+            with_contents.insert(id.clone());
+            dirty.insert(id);
+        }
+    }
+
+    /// One transaction of up to FLUSH_GROUPS_PER_TRANSACTION_MAX groups (`contents`: with
+    /// their row records whose contents alone changed).
+    async fn flush_some(&self, shard: &Shard, contents: bool) -> Result<(), StoreError> {
         let ids: Vec<String> = {
             let mut dirty = self.dirty.borrow_mut();
             let ids: Vec<String> = dirty
@@ -154,7 +204,15 @@ impl CvrPersistence {
             .collect();
         let batches: Vec<_> = groups
             .iter()
-            .filter_map(|g| g.cvr.borrow_mut().take_flush())
+            .filter_map(|g| {
+                let mut cvr = g.cvr.borrow_mut();
+                let turn = self.with_contents.borrow_mut().remove(&g.id);
+                let batch = cvr.take_flush(contents || turn);
+                if cvr.has_deferred_contents() {
+                    self.deferred.borrow_mut().push(&g.id);
+                }
+                batch
+            })
             .collect();
         if batches.is_empty() {
             return Ok(());
@@ -218,6 +276,28 @@ impl Link {
 
     fn put(&self, store: CvrStore) {
         *self.store.borrow_mut() = Some(store);
+    }
+}
+
+/// A queue of group ids without repeats: a group waiting already keeps its place.
+#[derive(Default)]
+struct Deferred {
+    order: std::collections::VecDeque<String>,
+    members: std::collections::HashSet<String>,
+}
+
+impl Deferred {
+    fn push(&mut self, id: &str) {
+        if self.members.insert(id.to_string()) {
+            self.order.push_back(id.to_string());
+        }
+        debug_assert_eq!(self.order.len(), self.members.len());
+    }
+
+    fn pop(&mut self) -> Option<String> {
+        let id = self.order.pop_front()?;
+        self.members.remove(&id);
+        Some(id)
     }
 }
 
