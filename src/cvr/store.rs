@@ -3,12 +3,16 @@
 //!
 //! zcache keeps its own layout, in schema `"{app}_{shard}/zcvr"` beside zero-cache's
 //! `"{app}_{shard}/cvr"` (zero-protocol.md allows it: only the observable semantics matter):
-//! - `instances`: one row per client group, its version (a cookie) and its configuration
+//! - `instances`: one row per client group, its version (a cookie), its configuration
 //!   (clients, desires, queries, query tombstones, lmids, mutation results) as one JSON
-//!   document: small, and always written whole;
+//!   document written whole when it changed, and `digestsAt`: the version up to which the
+//!   stored row digests are those of the contents sent;
 //! - `rows`: one row per row record, with its patch version, the queries that reach it (an
 //!   empty list is a tombstone, kept so that any older cookie can be diffed) and a digest
-//!   of the contents last sent. Contents are never stored: they come from the replica.
+//!   of the contents last sent. Contents are never stored: they come from the replica. A
+//!   record whose contents alone changed is written in its group's turn (within
+//!   `CONTENTS_FLUSH_INTERVAL_MS`), not at each poke; a group loaded with `digestsAt`
+//!   behind its version sends its live rows again.
 //!
 //! Writes are batches built on the shard (`Cvr::take_flush`) and sent by a background task
 //! (`shards::flush`), off the path that pokes clients.
