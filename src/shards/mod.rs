@@ -9,6 +9,7 @@ pub mod eval;
 pub mod flush;
 pub mod group;
 pub mod inspect;
+mod outbound;
 pub mod pending;
 pub mod perms;
 pub mod push;
