@@ -198,6 +198,14 @@ impl CvrPersistence {
             });
             ids
         };
+        // Taken out for every id, also of groups gone meanwhile, so the set stays bounded.
+        let turns: BTreeSet<String> = {
+            let mut with_contents = self.with_contents.borrow_mut();
+            ids.iter()
+                .filter(|id| with_contents.remove(*id))
+                .cloned()
+                .collect()
+        };
         let groups: Vec<_> = ids
             .iter()
             .filter_map(|id| shard.existing_group(id))
@@ -206,8 +214,7 @@ impl CvrPersistence {
             .iter()
             .filter_map(|g| {
                 let mut cvr = g.cvr.borrow_mut();
-                let turn = self.with_contents.borrow_mut().remove(&g.id);
-                let batch = cvr.take_flush(contents || turn);
+                let batch = cvr.take_flush(contents || turns.contains(&g.id));
                 if cvr.has_deferred_contents() {
                     self.deferred.borrow_mut().push(&g.id);
                 }
