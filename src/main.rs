@@ -6,6 +6,12 @@ use zcache::embedded::{demo, pgcluster::PgCluster};
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options (its `malloc_conf`, under tikv-jemallocator's symbol prefix): freed
+/// pages go back to the system after 1 s instead of 10 s, so memory a burst used (a slow
+/// client's queue, large rows in flight) is returned soon after it ends.
+#[export_name = "_rjem_malloc_conf"]
+static JEMALLOC_CONF: &u8 = &b"dirty_decay_ms:1000,muzzy_decay_ms:1000\0"[0];
+
 /// Whether stderr carries JSON lines only (`--log-format json`): set once, at start-up.
 static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
