@@ -548,7 +548,7 @@ fn an_idle_group_is_unloaded_and_comes_back_from_the_cvr_database() {
     assert_eq!(ids(&rows, "issue"), vec![window[0].clone()], "{rows:?}");
     assert_eq!(rows.len(), 1, "only the change, not the view again");
     assert!(
-        server.logged("CVR loaded"),
+        server.logged_within("CVR loaded", WAIT),
         "it came back from the database"
     );
 }

@@ -31,6 +31,21 @@ impl Server {
             .unwrap_or(false)
     }
 
+    /// Whether `needle` is logged within `wait`: stderr is read by another thread, so a line
+    /// written before a socket message may be seen after it.
+    pub fn logged_within(&self, needle: &str, wait: Duration) -> bool {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            if self.logged(needle) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn log_lines(&self) -> Vec<String> {
         self.log.lock().map(|l| l.clone()).unwrap_or_default()
     }
