@@ -240,8 +240,12 @@ pub struct Cvr {
     digests_stored_at: Version,
     /// The version the store last got (None: never flushed, or a flush failed).
     flushed_version: Option<Version>,
-    /// The digest of the configuration the store last got (None: not known to be stored).
+    /// The fingerprint of the configuration the store last got (None: not known to be
+    /// stored).
     flushed_config: Option<u64>,
+    /// How many times the client schema was set: the configuration's fingerprint counts
+    /// this instead of hashing the schema.
+    client_schema_sets: u64,
 }
 
 impl Cvr {
@@ -263,6 +267,7 @@ impl Cvr {
             dirty_contents: FastSet::default(),
             digests_stored_at: Version::default(),
             flushed_version: None,
+            client_schema_sets: 0,
             flushed_config: None,
         }
     }

@@ -82,6 +82,8 @@ pub fn row_digest(row: &Row) -> u64 {
 /// The digest of a loaded row whose sent contents are unknown (`from_stored`). A real digest
 /// equals it with probability 2^-64; the row is then not sent again.
 const DIGEST_UNKNOWN: u64 = 0;
+/// Any fixed seed: fingerprints are compared within one process.
+const CONFIG_FINGERPRINT_SEED: u64 = 0x5a63_6163_6865_0001;
 
 fn fnv1a(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf29ce484222325;
@@ -131,11 +133,10 @@ impl Cvr {
         rows.sort_by(|a, b| (&a.table, &a.key).cmp(&(&b.table, &b.key)));
         self.flushed_version = Some(self.version);
         // Most flushes only move the version (a poke): the configuration, kilobytes of
-        // query ASTs, is written again only when it changed.
-        let config = self.stored_config();
-        let config_digest = fnv1a(config.as_bytes());
-        let config = (self.flushed_config != Some(config_digest)).then_some(config);
-        self.flushed_config = Some(config_digest);
+        // query ASTs, is serialized and written again only when it changed.
+        let fingerprint = self.config_fingerprint();
+        let config = (self.flushed_config != Some(fingerprint)).then(|| self.stored_config());
+        self.flushed_config = Some(fingerprint);
         if self.dirty_contents.is_empty() {
             self.digests_stored_at = self.version;
         }
@@ -151,6 +152,7 @@ impl Cvr {
     /// Keeps the client schema; written at the next flush although no version moved.
     pub fn set_client_schema(&mut self, schema: serde_json::Value) {
         self.client_schema = Some(schema);
+        self.client_schema_sets += 1;
         self.force_flush();
     }
 
@@ -175,6 +177,50 @@ impl Cvr {
         self.flushed_config = None;
         self.dirty_contents.clear();
         self.dirty_rows = self.rows.keys().cloned().collect();
+    }
+
+    /// A digest of what `stored_config` writes, without serializing it (that was a tenth
+    /// of a shard's time at 10,000 groups). A query's spec is not hashed: it is fixed while
+    /// the query is in the map, and a query removed and put again changes its `got` and
+    /// the tombstones. The client schema counts by its setting (`client_schema_sets`).
+    /// Exact within the process only, as `flushed_config` is.
+    fn config_fingerprint(&self) -> u64 {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let state = foldhash::fast::FixedState::with_seed(CONFIG_FINGERPRINT_SEED);
+        let one = |entry: &dyn Fn(&mut foldhash::fast::FoldHasher)| {
+            let mut h = state.build_hasher();
+            entry(&mut h);
+            h.finish()
+        };
+        // The hash maps iterate in no fixed order: their entries' hashes are summed.
+        let queries = self.queries.iter().fold(0u64, |sum, (hash, q)| {
+            sum.wrapping_add(one(&|h| (hash, q.got).hash(h)))
+        });
+        let removed = self
+            .removed_queries
+            .iter()
+            .fold(0u64, |sum, entry| sum.wrapping_add(one(&|h| entry.hash(h))));
+        let mut h = state.build_hasher();
+        for id in self.clients.keys() {
+            id.hash(&mut h);
+        }
+        for (client, desires) in &self.desires {
+            client.hash(&mut h);
+            for (hash, d) in desires {
+                (hash, d.inactivated_at, d.ttl_ms, d.removed, d.patch).hash(&mut h);
+            }
+        }
+        let ttl_clock_ms = self.ttl_clock_ms;
+        (
+            ttl_clock_ms,
+            queries,
+            removed,
+            &self.lmids,
+            &self.mutation_results,
+        )
+            .hash(&mut h);
+        self.client_schema_sets.hash(&mut h);
+        h.finish()
     }
 
     fn stored_config(&self) -> String {
@@ -492,6 +538,78 @@ mod tests {
         );
         assert_eq!(batch.digests_at, v4.cookie());
         assert!(back.take_flush(true).is_none());
+    }
+
+    /// The fingerprint stands in for serializing the configuration at every flush: each
+    /// change of what `stored_config` writes must write it, and a data poke must not.
+    #[test]
+    fn every_configuration_change_is_written_and_a_data_poke_writes_none() {
+        let (mut cvr, _, v3) = stored_and_loaded();
+        cvr.mark_all_dirty();
+        assert!(cvr.take_flush(true).is_some_and(|b| b.config.is_some()));
+        type Step = Box<dyn Fn(&mut Cvr, Version)>;
+        let steps: Vec<(&str, Step)> = vec![
+            (
+                "data",
+                Box::new(|c, v| _ = c.set_query_rows("q1", &rows(&[("i1", "a")]), v)),
+            ),
+            (
+                "desire",
+                Box::new(|c, v| _ = c.put_desired("c2", "q4", named("d"), None, v)),
+            ),
+            (
+                "ttl up",
+                Box::new(|c, v| _ = c.put_desired("c2", "q4", named("d"), Some(9e9), v)),
+            ),
+            ("del", Box::new(|c, v| _ = c.del_desired("c2", "q4", v))),
+            ("ttl clock", Box::new(|c, _| c.advance_ttl_clock(5))),
+            (
+                "got",
+                Box::new(|c, v| _ = c.set_query_rows("q4", &rows(&[("i9", "x")]), v)),
+            ),
+            ("removed", Box::new(|c, v| _ = c.remove_query("q4", v))),
+            (
+                "lmid",
+                Box::new(|c, v| _ = c.set_lmids([("c1".to_string(), 99)].into(), v)),
+            ),
+            (
+                "mutation",
+                Box::new(|c, v| {
+                    let results = [(("c1".to_string(), 5), "{}".to_string())].into();
+                    _ = c.set_mutation_results(results, v);
+                }),
+            ),
+            (
+                "schema",
+                Box::new(|c, _| c.set_client_schema(serde_json::json!({"v": 2}))),
+            ),
+            ("client gone", Box::new(|c, v| _ = c.delete_client("c2", v))),
+            (
+                "data again",
+                Box::new(|c, v| _ = c.set_query_rows("q1", &rows(&[("i1", "b")]), v)),
+            ),
+        ];
+        let mut at = v3;
+        for (name, step) in steps {
+            let before = cvr.stored_config();
+            at = Version {
+                state: at.state + 1,
+                config: 0,
+            };
+            step(&mut cvr, at);
+            cvr.version = at;
+            let batch = cvr.take_flush(true).expect("the version moved");
+            let after = cvr.stored_config();
+            if after != before {
+                assert_eq!(batch.config.as_ref(), Some(&after), "{name}: written");
+            }
+            if name.starts_with("data") {
+                assert_eq!(after, before, "{name} is not configuration");
+                assert_eq!(batch.config, None, "{name}: not written again");
+            } else {
+                assert_ne!(after, before, "{name} changes the configuration");
+            }
+        }
     }
 
     #[test]

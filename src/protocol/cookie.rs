@@ -49,7 +49,7 @@ pub fn parse_lexi(s: &str) -> Option<u64> {
 
 /// A client-view version: the replica state it reflects and a counter of configuration
 /// changes (queries, clients) made at that state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
 pub struct Version {
     pub state: u64,
     pub config: u64,

@@ -14,14 +14,14 @@
 
 use super::pending::Pending;
 use super::VersionReady;
-use crate::cvr::{QueryRows, RowData, TouchedRow};
+use crate::cvr::{FastMap, QueryRows, RowData, TouchedRow};
 use crate::sqlite::{IndexRequests, ReplicaReader};
 use crate::zql::ast::Ast;
 use crate::zql::ivm::{LiveQuery, RowKey};
 use crate::zql::schema::TableSpec;
 use crate::zql::value::Row;
 use crate::zql::ZqlError;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::rc::Rc;
 
 /// Steps the log keeps. A group further behind takes copies of its changed queries.
@@ -61,7 +61,7 @@ struct Entry {
 struct Step {
     from: u64,
     to: u64,
-    diffs: HashMap<QueryKey, Rc<Vec<TouchedRow>>>,
+    diffs: FastMap<QueryKey, Rc<Vec<TouchedRow>>>,
     rows: usize,
 }
 
@@ -74,7 +74,7 @@ pub enum Catchup {
 }
 
 pub struct SharedQueries {
-    entries: HashMap<QueryKey, Entry>,
+    entries: FastMap<QueryKey, Entry>,
     state: u64,
     /// The number of the last catch-up.
     seq: u64,
@@ -106,7 +106,7 @@ impl SharedQueries {
     pub fn with_log_limits(log_steps_max: usize, log_rows_max: usize) -> Self {
         assert!(log_steps_max > 0, "the log keeps at least the last step");
         SharedQueries {
-            entries: HashMap::new(),
+            entries: FastMap::default(),
             state: 0,
             seq: 0,
             pending: Pending::default(),
@@ -170,7 +170,7 @@ impl SharedQueries {
         } else {
             pending.changes(reader)?
         };
-        let mut diffs = HashMap::new();
+        let mut diffs = FastMap::default();
         let mut rows = 0;
         for (key, entry) in self.entries.iter_mut() {
             let Some(live) = entry.live.as_mut() else {
@@ -215,6 +215,10 @@ impl SharedQueries {
     }
 
     fn log_step(&mut self, step: Step) {
+        debug_assert!(
+            self.log.back().is_none_or(|last| last.to <= step.from),
+            "steps are logged in order (`since` searches them)"
+        );
         match self.log.back_mut() {
             // Steps that changed nothing merge, so quiet versions cost no log space.
             Some(last)
@@ -346,10 +350,12 @@ impl SharedQueries {
                 None => Ok(None),
             };
         }
+        // The steps are in order: only those after `from` are looked at (every group's
+        // catch-up scanning the whole log was a sixth of a shard's time).
+        let first = self.log.partition_point(|s| s.to <= from);
         Ok(Some(Catchup::Steps(
             self.log
-                .iter()
-                .filter(|s| s.to > from)
+                .range(first..)
                 .filter_map(|s| s.diffs.get(key).cloned())
                 .collect(),
         )))
