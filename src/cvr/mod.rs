@@ -12,7 +12,7 @@ use crate::protocol::cookie::Version;
 use crate::protocol::down::{PokeBuilder, QueryOp};
 use crate::zql::schema::TableSpec;
 use crate::zql::value::Row;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 
 mod persist;
@@ -246,6 +246,22 @@ pub struct Cvr {
     /// How many times the client schema was set: the configuration's fingerprint counts
     /// this instead of hashing the schema.
     client_schema_sets: u64,
+    /// Rows patched lately, in patch order (a row may appear more than once), so that a
+    /// poke from a recent cookie visits the rows patched since and not every row of the
+    /// group. Trimmed after pokes to what connected clients still lack (`trim_recent`),
+    /// and to RECENT_ROW_PATCHES_MAX.
+    recent: VecDeque<(Version, RowKey)>,
+    /// Every row patch after this version is in `recent`.
+    recent_floor: Version,
+}
+
+/// Row patches `recent` keeps at most; a poke from before them scans every row.
+pub const RECENT_ROW_PATCHES_MAX: usize = 1_024;
+
+/// A row entry of a poke.
+pub enum RowPatch<'a> {
+    Put(&'a Rc<RowData>),
+    Del(&'a RowKey),
 }
 
 impl Cvr {
@@ -268,6 +284,8 @@ impl Cvr {
             digests_stored_at: Version::default(),
             flushed_version: None,
             client_schema_sets: 0,
+            recent: VecDeque::new(),
+            recent_floor: Version::default(),
             flushed_config: None,
         }
     }
@@ -569,6 +587,7 @@ impl Cvr {
         };
         if !same {
             rec.patch = at;
+            Self::note_patch(&mut self.recent, &mut self.recent_floor, &key, at);
         }
         rec.digest = data.digest;
         rec.contents = Some(data);
@@ -594,7 +613,87 @@ impl Cvr {
         }
         rec.contents = None;
         rec.patch = at;
+        Self::note_patch(&mut self.recent, &mut self.recent_floor, key, at);
         true
+    }
+
+    fn note_patch(
+        recent: &mut VecDeque<(Version, RowKey)>,
+        floor: &mut Version,
+        key: &RowKey,
+        at: Version,
+    ) {
+        debug_assert!(
+            recent.back().is_none_or(|(v, _)| *v <= at),
+            "patch versions only grow"
+        );
+        recent.push_back((at, key.clone()));
+        if recent.len() > RECENT_ROW_PATCHES_MAX {
+            if let Some((v, _)) = recent.pop_front() {
+                *floor = (*floor).max(v);
+            }
+        }
+    }
+
+    /// Forgets the recent patches every connected client has (they are at `oldest` or
+    /// later): a poke from an older cookie scans every row instead.
+    pub fn trim_recent(&mut self, oldest: Version) {
+        while self.recent.front().is_some_and(|(v, _)| *v <= oldest) {
+            self.recent.pop_front();
+        }
+        self.recent_floor = self.recent_floor.max(oldest);
+    }
+
+    /// The row records patched after `base` (None: every record).
+    fn patched_rows(&self, base: Option<Version>) -> Vec<(&RowKey, &RowRecord)> {
+        let Some(base) = base.filter(|b| *b >= self.recent_floor) else {
+            return self
+                .rows
+                .iter()
+                .filter(|(_, rec)| base.is_none_or(|b| rec.patch > b))
+                .collect();
+        };
+        let first = self.recent.partition_point(|(v, _)| *v <= base);
+        let mut seen: FastSet<&RowKey> = FastSet::default();
+        let mut out = Vec::with_capacity(self.recent.len() - first);
+        for (v, key) in self.recent.range(first..) {
+            // Only the entry of the row's last patch counts.
+            let Some((key, rec)) = self.rows.get_key_value(key) else {
+                continue;
+            };
+            if rec.patch == *v && seen.insert(key) {
+                out.push((key, rec));
+            }
+        }
+        out
+    }
+
+    /// The poke from `base` when it is rows only (no query, client, lmid or mutation
+    /// entries): its row entries, which any group with the same entries shares.
+    pub fn rows_only_patch(&self, base: Version) -> Option<Vec<RowPatch<'_>>> {
+        let newer = |v: Version| v > base;
+        let configured = self
+            .desires
+            .values()
+            .flat_map(|d| d.values())
+            .any(|d| newer(d.patch))
+            || self.queries.values().any(|q| q.got.is_some_and(newer))
+            || self.removed_queries.values().any(|v| newer(*v))
+            || self.lmids.values().any(|(_, v)| newer(*v))
+            || self.mutation_results.values().any(|(_, v)| newer(*v));
+        if configured {
+            return None;
+        }
+        let patch = self
+            .patched_rows(Some(base))
+            .into_iter()
+            .filter_map(|(key, rec)| match &rec.contents {
+                Some(data) => Some(RowPatch::Put(data)),
+                None if rec.refs > 0 => None,
+                None => Some(RowPatch::Del(key)),
+            })
+            .collect();
+        Some(patch)
     }
 
     /// Drops a query: its rows lose a reference, and it is no longer got.
@@ -695,10 +794,7 @@ impl Cvr {
                 _ => {}
             }
         }
-        for (row_key, rec) in &self.rows {
-            if !newer(rec.patch) {
-                continue;
-            }
+        for (row_key, rec) in self.patched_rows(base) {
             match &rec.contents {
                 Some(data) => poke.put_row_json(data.put_json()),
                 // A live row loaded from the store whose query has not been hydrated again:

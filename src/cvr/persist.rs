@@ -279,6 +279,8 @@ impl Cvr {
             serde_json::from_str(&loaded.config).map_err(|e| format!("config: {e}"))?;
         let mut cvr = Cvr::new(id);
         cvr.version = version;
+        // The stored rows' patches are not in `recent`.
+        cvr.recent_floor = version;
         for client in config.clients {
             cvr.clients.insert(client, ClientRecord::default());
         }

@@ -627,3 +627,65 @@ fn desire_records_roundtrip_through_serde() {
     let c: ClientRecord = serde_json::from_str("{}").expect("parses");
     assert_eq!(c, ClientRecord::default());
 }
+
+/// The row keys a full scan finds patched after `base`, sorted.
+fn scanned(cvr: &Cvr, base: Version) -> Vec<String> {
+    let mut keys: Vec<String> = cvr
+        .rows
+        .iter()
+        .filter(|(_, rec)| rec.patch > base)
+        .map(|(k, _)| k.key().to_string())
+        .collect();
+    keys.sort();
+    keys
+}
+
+proptest::proptest! {
+    /// The recent patches stand in for a scan of every row: from any cookie handed out,
+    /// they give the same rows, whatever was trimmed and however many patches there were.
+    #[test]
+    fn recent_patches_give_what_a_scan_of_every_row_gives(
+        steps in proptest::collection::vec(
+            (0usize..3, proptest::collection::vec((0u8..12, 0u8..3), 0..8), 0u8..4),
+            1..60,
+        )
+    ) {
+        let mut cvr = Cvr::new("g");
+        let mut cookies = vec![cvr.version];
+        let mut seen = 0;
+        for (i, (query, members, trim)) in steps.into_iter().enumerate() {
+            let at = Version { state: i as u64 + 1, config: 0 };
+            let hash = format!("q{query}");
+            if members.is_empty() {
+                cvr.remove_query(&hash, at);
+            } else {
+                cvr.put_desired("c1", &hash, named(), None, at);
+                let items: Vec<(String, String)> = members
+                    .iter()
+                    .map(|(id, title)| (format!("i{id}"), format!("t{title}")))
+                    .collect();
+                let items: Vec<(&str, &str)> =
+                    items.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+                cvr.set_query_rows(&hash, &rows(&items), at);
+            }
+            cvr.version = at;
+            cookies.push(at);
+            // Sometimes every client caught up to an earlier cookie.
+            if trim > 0 {
+                let oldest = cookies[cookies.len().saturating_sub(trim as usize * 3)];
+                cvr.trim_recent(oldest);
+            }
+            for &base in &cookies {
+                let mut got: Vec<String> = cvr
+                    .patched_rows(Some(base))
+                    .into_iter()
+                    .map(|(k, _)| k.key().to_string())
+                    .collect();
+                got.sort();
+                seen += got.len();
+                proptest::prop_assert_eq!(got, scanned(&cvr, base), "base {:?}", base);
+            }
+        }
+        proptest::prop_assert!(seen > 0 || cvr.rows.is_empty(), "rows were patched");
+    }
+}

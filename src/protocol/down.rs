@@ -97,17 +97,9 @@ struct Part {
 
 impl PokeBuilder {
     pub fn new(poke_id: &str, base_cookie: Option<&str>) -> Self {
-        let mut start = String::from("[\"pokeStart\",{\"pokeID\":");
-        write_json_string(poke_id, &mut start);
-        start.push_str(",\"baseCookie\":");
-        match base_cookie {
-            Some(c) => write_json_string(c, &mut start),
-            None => start.push_str("null"),
-        }
-        start.push_str("}]");
         PokeBuilder {
             poke_id: poke_id.to_string(),
-            messages: vec![start],
+            messages: vec![poke_start(poke_id, base_cookie)],
             part: Part::default(),
         }
     }
@@ -245,14 +237,32 @@ impl PokeBuilder {
     /// Ends the poke at `cookie` and returns its messages in order.
     pub fn finish(mut self, cookie: &str) -> Vec<String> {
         self.flush_part();
-        let mut end = String::from("[\"pokeEnd\",{\"pokeID\":");
-        write_json_string(&self.poke_id, &mut end);
-        end.push_str(",\"cookie\":");
-        write_json_string(cookie, &mut end);
-        end.push_str("}]");
-        self.messages.push(end);
+        self.messages.push(poke_end(&self.poke_id, cookie));
         self.messages
     }
+}
+
+/// `["pokeStart",{"pokeID","baseCookie"}]`.
+pub fn poke_start(poke_id: &str, base_cookie: Option<&str>) -> String {
+    let mut start = String::from("[\"pokeStart\",{\"pokeID\":");
+    write_json_string(poke_id, &mut start);
+    start.push_str(",\"baseCookie\":");
+    match base_cookie {
+        Some(c) => write_json_string(c, &mut start),
+        None => start.push_str("null"),
+    }
+    start.push_str("}]");
+    start
+}
+
+/// `["pokeEnd",{"pokeID","cookie"}]`.
+pub fn poke_end(poke_id: &str, cookie: &str) -> String {
+    let mut end = String::from("[\"pokeEnd\",{\"pokeID\":");
+    write_json_string(poke_id, &mut end);
+    end.push_str(",\"cookie\":");
+    write_json_string(cookie, &mut end);
+    end.push_str("}]");
+    end
 }
 
 fn write_list(prefix: &str, items: &[String], out: &mut String) {

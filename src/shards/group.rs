@@ -863,23 +863,40 @@ impl Group {
                 by_base.entry(c.cookie.get()).or_default().push(c);
             }
         }
+        let cookie = to.cookie();
         for (base, conns) in by_base {
-            let cookie = to.cookie();
-            let mut poke = PokeBuilder::new(&cookie, base.map(|b| b.cookie()).as_deref());
-            if base != Some(to) {
-                cvr.write_patches(base, &mut poke);
-            }
-            let frames: Vec<bytes::Bytes> = poke
-                .finish(&cookie)
-                .iter()
-                .map(|m| crate::ws::frame::text_frame(m.as_bytes()))
-                .collect();
+            // Most pokes are rows only, the same for every group that got the same diff.
+            let shared = base
+                .filter(|b| *b != to)
+                .and_then(|b| Some((b, cvr.rows_only_patch(b)?)));
+            let frames = match shared {
+                Some((b, patch)) => {
+                    shard
+                        .poke_frames
+                        .borrow_mut()
+                        .frames(&cookie, &b.cookie(), patch)
+                }
+                None => {
+                    let mut poke = PokeBuilder::new(&cookie, base.map(|b| b.cookie()).as_deref());
+                    if base != Some(to) {
+                        cvr.write_patches(base, &mut poke);
+                    }
+                    poke.finish(&cookie)
+                        .iter()
+                        .map(|m| crate::ws::frame::text_frame(m.as_bytes()))
+                        .collect()
+                }
+            };
             for c in conns {
                 c.send_frames(&frames);
                 c.cookie.set(Some(to));
                 c.poked.set(true);
             }
         }
+        drop(cvr);
+        // Every socket is at `to` now: a client that comes back from an older cookie is
+        // rare enough to scan the whole record.
+        self.cvr.borrow_mut().trim_recent(to);
     }
 
     pub fn send_to_all(&self, message: String) {

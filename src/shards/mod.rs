@@ -12,6 +12,7 @@ pub mod inspect;
 mod outbound;
 pub mod pending;
 pub mod perms;
+pub mod poke_frames;
 pub mod push;
 pub mod routes;
 pub mod shared;
@@ -115,6 +116,8 @@ pub struct Shard {
     pub perms: RefCell<perms::PermCache>,
     /// The inspector's shard-wide timings (`inspect` message `metrics`).
     pub inspect: inspect::ShardInspect,
+    /// Poke frames built once for all the groups they concern.
+    pub poke_frames: RefCell<poke_frames::PokeFrames>,
 }
 
 /// What the legacy API needs on each shard: the JWT verifier and the rate limit are shared
@@ -166,6 +169,7 @@ impl Shard {
             legacy,
             perms: RefCell::new(perms::PermCache::default()),
             inspect: inspect::ShardInspect::default(),
+            poke_frames: RefCell::default(),
         }
     }
 
