@@ -46,7 +46,7 @@ use support::*;
 use zcache::cvr::{Cvr, QuerySpec, RowKey};
 use zcache::protocol::cookie::Version;
 use zcache::protocol::down::put_row_json;
-use zcache::shards::shared::{query_key, Catchup, SharedHandle, SharedQueries};
+use zcache::shards::shared::{query_key, Catchup, QueryKey, SharedHandle, SharedQueries};
 use zcache::shards::VersionReady;
 use zcache::sqlite::{IndexRequests, ReplicaReader};
 use zcache::zql::eval::RowCounts;
@@ -428,7 +428,7 @@ impl ModelShard {
     }
 
     /// The distinct ASTs its groups hold.
-    fn held_keys(&self) -> BTreeSet<Rc<str>> {
+    fn held_keys(&self) -> BTreeSet<QueryKey> {
         self.groups
             .iter()
             .flat_map(|g| g.held.values().map(|h| h.key.clone()))
@@ -489,7 +489,7 @@ impl ModelShard {
             // (`Group::hydrate`); a query hydrated there knows its snapshot.
             self.catch_up(reader);
         }
-        let held_elsewhere: BTreeSet<Rc<str>> = self
+        let held_elsewhere: BTreeSet<QueryKey> = self
             .groups
             .iter()
             .enumerate()

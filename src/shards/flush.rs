@@ -97,7 +97,9 @@ impl CvrPersistence {
     }
 
     pub fn mark_dirty(&self, group: &str) {
-        if self.dirty.borrow_mut().insert(group.to_string()) {
+        let mut dirty = self.dirty.borrow_mut();
+        // Most pokes find their group marked already: no copy of the id for those.
+        if !dirty.contains(group) && dirty.insert(group.to_string()) {
             let _ = self.wake.try_send(());
         }
     }

@@ -22,6 +22,7 @@ use crate::zql::schema::TableSpec;
 use crate::zql::value::Row;
 use crate::zql::ZqlError;
 use std::collections::{HashSet, VecDeque};
+use std::hash::BuildHasher;
 use std::rc::Rc;
 
 /// Steps the log keeps. A group further behind takes copies of its changed queries.
@@ -29,8 +30,55 @@ pub const SHARED_LOG_STEPS_MAX: usize = 4_096;
 /// Touched rows the log keeps over all its steps (each a key and a shared row).
 pub const SHARED_LOG_ROWS_MAX: usize = 500_000;
 
-/// A shared query's identity: its AST's canonical JSON.
-pub type QueryKey = Rc<str>;
+/// A shared query's identity: its AST's canonical JSON, with its hash made once (every
+/// group's catch-up looks its query up, and hashing the JSON each time was a thirtieth of
+/// a shard's time). Clones share it; equal keys are usually the same pointer.
+#[derive(Clone)]
+pub struct QueryKey(Rc<(u64, Box<str>)>);
+
+impl QueryKey {
+    fn new(json: String) -> Self {
+        // A fixed seed: the hash feeds in-process maps only.
+        let hash = foldhash::fast::FixedState::with_seed(0x5a_63_71_6b).hash_one(&json);
+        QueryKey(Rc::new((hash, json.into_boxed_str())))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0 .1
+    }
+}
+
+impl std::hash::Hash for QueryKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.0 .0);
+    }
+}
+
+impl PartialEq for QueryKey {
+    fn eq(&self, other: &Self) -> bool {
+        Rc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
+}
+
+impl Eq for QueryKey {}
+
+impl Ord for QueryKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl PartialOrd for QueryKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl std::fmt::Display for QueryKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// A group's hold on a shared query; the query is dropped once nobody holds it.
 #[derive(Clone)]
@@ -96,9 +144,7 @@ impl Default for SharedQueries {
 
 /// The key of `ast`: its JSON, which is canonical (serde writes fields in declaration order).
 pub fn query_key(ast: &Ast) -> QueryKey {
-    serde_json::to_string(ast)
-        .unwrap_or_else(|e| format!("unserializable AST: {e}"))
-        .into()
+    QueryKey::new(serde_json::to_string(ast).unwrap_or_else(|e| format!("unserializable AST: {e}")))
 }
 
 impl SharedQueries {
@@ -148,7 +194,7 @@ impl SharedQueries {
         self.pending_from = Some(from);
     }
 
-    pub fn live(&self, key: &str) -> Option<&LiveQuery> {
+    pub fn live(&self, key: &QueryKey) -> Option<&LiveQuery> {
         self.entries.get(key).and_then(|e| e.live.as_ref())
     }
 
@@ -296,7 +342,11 @@ impl SharedQueries {
     }
 
     /// The query's current result, as shared rows.
-    pub fn rows(&mut self, key: &str, reader: &ReplicaReader) -> Result<Rc<QueryRows>, ZqlError> {
+    pub fn rows(
+        &mut self,
+        key: &QueryKey,
+        reader: &ReplicaReader,
+    ) -> Result<Rc<QueryRows>, ZqlError> {
         let entry = self
             .entries
             .get_mut(key)
@@ -327,7 +377,7 @@ impl SharedQueries {
     /// yet).
     pub fn since(
         &mut self,
-        key: &str,
+        key: &QueryKey,
         from: u64,
         reader: Option<&ReplicaReader>,
     ) -> Result<Option<Catchup>, ZqlError> {
