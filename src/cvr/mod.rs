@@ -257,6 +257,8 @@ pub struct Cvr {
 
 /// Row patches `recent` keeps at most; a poke from before them scans every row.
 pub const RECENT_ROW_PATCHES_MAX: usize = 1_024;
+/// The capacity an emptied `recent` may keep; a larger one is given back.
+const RECENT_ROW_PATCHES_KEPT_CAPACITY: usize = 8;
 
 /// A row entry of a poke.
 pub enum RowPatch<'a> {
@@ -642,6 +644,10 @@ impl Cvr {
             self.recent.pop_front();
         }
         self.recent_floor = self.recent_floor.max(oldest);
+        // A hydration's patches (every row) grew it; most pokes need a few entries.
+        if self.recent.is_empty() && self.recent.capacity() > RECENT_ROW_PATCHES_KEPT_CAPACITY {
+            self.recent = VecDeque::new();
+        }
     }
 
     /// The row records patched after `base` (None: every record).

@@ -775,6 +775,11 @@ impl Group {
         Ok(changed)
     }
 
+    /// Whether a hydration's poke waits for versions to be announced (`poke_all`).
+    pub fn owes_poke(&self) -> bool {
+        self.poke_owed_at.get().is_some()
+    }
+
     /// Marks an advance as queued; false if one already is (it will see this version too).
     pub fn queue_advance(&self) -> bool {
         !self.advance_queued.replace(true)

@@ -310,12 +310,19 @@ impl Shard {
                 continue;
             }
             let shard = self.clone();
+            let first_view = g.owes_poke();
             let task = async move {
                 if let Err(e) = g.advance(&shard).await {
                     tracing::warn!(group = %g.id, error = %e, "advance failed");
                     g.fail_all(&e);
                 }
             };
+            // A group whose hydration waits for this announcement to poke is a client
+            // waiting for its first view: it goes before the backlog of advances.
+            if first_view {
+                glommio::spawn_local(task).detach();
+                continue;
+            }
             match glommio::spawn_local_into(task, self.advance_queue()) {
                 Ok(t) => drop(t.detach()),
                 Err(e) => tracing::error!(error = %e, "cannot queue an advance"),
