@@ -19,6 +19,10 @@ use std::time::Duration;
 
 /// Client groups written in one transaction; more wait for the next round.
 pub const FLUSH_GROUPS_PER_TRANSACTION_MAX: usize = 256;
+/// Row records a transaction takes groups up to (a group's rows all go in one): a round is
+/// made synchronously on the shard, and 256 freshly hydrated groups of 600 rows each made
+/// one of 150,000 rows, tens of megabytes of SQL, while the shard served nobody.
+pub const FLUSH_ROWS_PER_TRANSACTION_MAX: usize = 4_096;
 /// How long changes wait before a round of writes starts, gathering what comes meanwhile.
 /// Writing a record costs Postgres more CPU than computing it costs zcache (one row per CVR
 /// row), so a burst of hydrations is written after it rather than competing with it. A
@@ -209,41 +213,34 @@ impl CvrPersistence {
     /// One transaction of up to FLUSH_GROUPS_PER_TRANSACTION_MAX groups (`contents`: with
     /// their row records whose contents alone changed).
     async fn flush_some(&self, shard: &Shard, contents: bool) -> Result<(), StoreError> {
-        let ids: Vec<String> = {
-            let mut dirty = self.dirty.borrow_mut();
-            let ids: Vec<String> = dirty
-                .iter()
-                .take(FLUSH_GROUPS_PER_TRANSACTION_MAX)
-                .cloned()
-                .collect();
-            ids.iter().for_each(|id| {
-                dirty.remove(id);
-            });
-            ids
-        };
-        // Taken out for every id, also of groups gone meanwhile, so the set stays bounded.
-        let turns: BTreeSet<String> = {
-            let mut with_contents = self.with_contents.borrow_mut();
-            ids.iter()
-                .filter(|id| with_contents.remove(*id))
-                .cloned()
-                .collect()
-        };
-        let groups: Vec<_> = ids
-            .iter()
-            .filter_map(|id| shard.existing_group(id))
-            .collect();
-        let batches: Vec<_> = groups
-            .iter()
-            .filter_map(|g| {
+        let mut groups = Vec::new();
+        let mut batches = Vec::new();
+        let mut rows = 0;
+        while groups.len() < FLUSH_GROUPS_PER_TRANSACTION_MAX
+            && rows < FLUSH_ROWS_PER_TRANSACTION_MAX
+        {
+            let Some(id) = self.dirty.borrow_mut().pop_first() else {
+                break;
+            };
+            // Taken out for every id, also of groups gone meanwhile, so the set stays bounded.
+            let turn = self.with_contents.borrow_mut().remove(&id);
+            let Some(g) = shard.existing_group(&id) else {
+                continue;
+            };
+            let batch = {
                 let mut cvr = g.cvr.borrow_mut();
-                let batch = cvr.take_flush(contents || turns.contains(&g.id));
+                let batch = cvr.take_flush(contents || turn);
                 if cvr.has_deferred_contents() {
                     self.deferred.borrow_mut().push(&g.id);
                 }
                 batch
-            })
-            .collect();
+            };
+            if let Some(batch) = batch {
+                rows += batch.rows.len();
+                batches.push(batch);
+            }
+            groups.push(g);
+        }
         if batches.is_empty() {
             return Ok(());
         }
