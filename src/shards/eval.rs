@@ -244,14 +244,31 @@ pub async fn transform(
     shard: &Shard,
     token: Option<String>,
     queries: Vec<QueryRequest>,
-) -> Result<Vec<TransformResult>, ProtocolError> {
+) -> TransformOutcome {
+    // The request is the token and the queries (no group in it): groups asking the same at
+    // once share one call.
+    let request: Vec<(&str, &str, &[serde_json::Value])> = queries
+        .iter()
+        .map(|q| (q.id.as_str(), q.name.as_str(), q.args.as_slice()))
+        .collect();
+    let key = (
+        token.clone(),
+        serde_json::to_string(&request).unwrap_or_default(),
+    );
     let app = shard.app.clone();
-    let ids: Vec<String> = queries.iter().map(|q| q.id.clone()).collect();
-    let result = glommio::executor()
-        .spawn_blocking(move || app.transform(token.as_deref(), &queries))
-        .await;
-    result.map_err(|e| transform_failed(&e, &ids))
+    let call = || async move {
+        let ids: Vec<String> = queries.iter().map(|q| q.id.clone()).collect();
+        let result = glommio::executor()
+            .spawn_blocking(move || app.transform(token.as_deref(), &queries))
+            .await;
+        result.map_err(|e| transform_failed(&e, &ids))
+    };
+    shard.transforms.run(key, call).await
 }
+
+/// A transform request: the token and the queries' JSON.
+pub type TransformKey = (Option<String>, String);
+pub type TransformOutcome = Result<Vec<TransformResult>, ProtocolError>;
 
 fn transform_failed(e: &AppServerError, ids: &[String]) -> ProtocolError {
     // The app server's own TransformFailed body goes to the client as it is (zero-cache).

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod client_schema;
+pub mod coalesce;
 pub mod conn;
 pub mod crud;
 pub mod eval;
@@ -118,6 +119,9 @@ pub struct Shard {
     pub inspect: inspect::ShardInspect,
     /// Poke frames built once for all the groups they concern.
     pub poke_frames: RefCell<poke_frames::PokeFrames>,
+    /// The app server's transforms in flight, by token and request: groups asking the same
+    /// at once share one call.
+    pub transforms: coalesce::Coalesce<eval::TransformKey, eval::TransformOutcome>,
 }
 
 /// What the legacy API needs on each shard: the JWT verifier and the rate limit are shared
@@ -170,6 +174,7 @@ impl Shard {
             perms: RefCell::new(perms::PermCache::default()),
             inspect: inspect::ShardInspect::default(),
             poke_frames: RefCell::default(),
+            transforms: coalesce::Coalesce::default(),
         }
     }
 
