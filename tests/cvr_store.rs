@@ -3,7 +3,7 @@
 //! and a second flush of the same rows updates them in place.
 
 use glommio::LocalExecutorBuilder;
-use zcache::cvr::store::{CvrStore, FlushBatch};
+use zcache::cvr::store::{CvrStore, FlushBatch, Loaded};
 use zcache::cvr::StoredRow;
 use zcache::embedded::pgcluster::{PgCluster, PgClusterOptions};
 use zcache::pgrepl::ConnConfig;
@@ -39,6 +39,23 @@ fn row(table: &str, key: &str, queries: &[&str], digest: Option<u64>) -> StoredR
     }
 }
 
+async fn write_and_load(store: &mut CvrStore, batch: FlushBatch) -> Loaded {
+    store
+        .flush(std::slice::from_ref(&batch))
+        .await
+        .expect("flush");
+    store
+        .load(&batch.group)
+        .await
+        .expect("load")
+        .expect("stored")
+}
+
+fn sorted(mut rows: Vec<StoredRow>) -> Vec<StoredRow> {
+    rows.sort_by(|a, b| (&a.table, &a.key).cmp(&(&b.table, &b.key)));
+    rows
+}
+
 #[test]
 fn what_a_flush_writes_a_load_gives_back() {
     let pg = PgCluster::start(PgClusterOptions::default()).expect("postgres");
@@ -64,19 +81,7 @@ fn what_a_flush_writes_a_load_gives_back() {
             rows,
         }
         };
-        store
-            .flush(&[batch(rows.clone(), "1a2b")])
-            .await
-            .expect("flush");
-        let loaded = store
-            .load("group 'one' \"1\"")
-            .await
-            .expect("load")
-            .expect("stored");
-        let sorted = |mut r: Vec<StoredRow>| {
-            r.sort_by(|a, b| (&a.table, &a.key).cmp(&(&b.table, &b.key)));
-            r
-        };
+        let loaded = write_and_load(&mut store, batch(rows.clone(), "1a2b")).await;
         assert_eq!(sorted(loaded.rows), sorted(rows.clone()));
         // The same rows again, changed: updated in place, none added.
         for r in &mut rows {
@@ -84,15 +89,7 @@ fn what_a_flush_writes_a_load_gives_back() {
             r.digest = r.digest.map(|d| d / 2);
             r.queries.reverse();
         }
-        store
-            .flush(&[batch(rows.clone(), "1a2c")])
-            .await
-            .expect("second flush");
-        let loaded = store
-            .load("group 'one' \"1\"")
-            .await
-            .expect("load")
-            .expect("stored");
+        let loaded = write_and_load(&mut store, batch(rows.clone(), "1a2c")).await;
         assert_eq!(loaded.version, "1a2c");
         assert_eq!(sorted(loaded.rows), sorted(rows));
     });

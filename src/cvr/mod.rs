@@ -813,5 +813,20 @@ impl Cvr {
     }
 }
 
+/// The `issue(id, title)` table the unit tests' rows are of.
+#[cfg(test)]
+pub(crate) fn issue_spec() -> Rc<TableSpec> {
+    let col = |name: &str| crate::zql::schema::ColumnSpec {
+        name: name.into(),
+        kind: crate::zql::schema::ColumnKind::String,
+        pg_type_oid: 25,
+    };
+    Rc::new(TableSpec {
+        name: "issue".into(),
+        columns: vec![col("id"), col("title")],
+        primary_key: vec![0],
+    })
+}
+
 #[cfg(test)]
 mod tests;

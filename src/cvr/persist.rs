@@ -355,22 +355,9 @@ mod tests {
     use super::*;
     use crate::cvr::QueryRows;
     use crate::protocol::down::PokeBuilder;
-    use crate::zql::schema::{ColumnKind, ColumnSpec, TableSpec};
     use crate::zql::value::Value;
-    use std::rc::Rc;
 
-    fn spec() -> Rc<TableSpec> {
-        let col = |name: &str| ColumnSpec {
-            name: name.into(),
-            kind: ColumnKind::String,
-            pg_type_oid: 25,
-        };
-        Rc::new(TableSpec {
-            name: "issue".into(),
-            columns: vec![col("id"), col("title")],
-            primary_key: vec![0],
-        })
-    }
+    use crate::cvr::issue_spec as spec;
 
     fn rows(items: &[(&str, &str)]) -> QueryRows {
         items

@@ -1,25 +1,7 @@
 use super::*;
-use crate::zql::schema::{ColumnKind, ColumnSpec};
 use crate::zql::value::Value;
 
-fn spec() -> Rc<TableSpec> {
-    Rc::new(TableSpec {
-        name: "issue".into(),
-        columns: vec![
-            ColumnSpec {
-                name: "id".into(),
-                kind: ColumnKind::String,
-                pg_type_oid: 25,
-            },
-            ColumnSpec {
-                name: "title".into(),
-                kind: ColumnKind::String,
-                pg_type_oid: 25,
-            },
-        ],
-        primary_key: vec![0],
-    })
-}
+use super::issue_spec as spec;
 
 fn rows(items: &[(&str, &str)]) -> QueryRows {
     items

@@ -1,22 +1,9 @@
 use super::*;
+use crate::cvr::issue_spec as spec;
 use crate::cvr::{Cvr, QueryRows, QuerySpec};
 use crate::protocol::cookie::Version;
-use crate::zql::schema::{ColumnKind, ColumnSpec, TableSpec};
 use crate::zql::value::Value;
 use serde_json::Value as Json;
-
-fn spec() -> Rc<TableSpec> {
-    let col = |name: &str| ColumnSpec {
-        name: name.into(),
-        kind: ColumnKind::String,
-        pg_type_oid: 25,
-    };
-    Rc::new(TableSpec {
-        name: "issue".into(),
-        columns: vec![col("id"), col("title")],
-        primary_key: vec![0],
-    })
-}
 
 /// Rows made once and shared, as the shared queries hand them to every group.
 struct Rows(FastMap<String, (RowKey, Rc<RowData>)>);
