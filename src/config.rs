@@ -24,6 +24,11 @@ pub struct Config {
     #[arg(long, env = "ZERO_CVR_DB")]
     pub cvr_db: Option<String>,
 
+    /// Connections to the CVR database, divided evenly amongst syncer shards: each shard
+    /// writes on one and loads on the others (up to 4); at least two each.
+    #[arg(long, env = "ZERO_CVR_MAX_CONNS", default_value_t = 30)]
+    pub cvr_max_conns: usize,
+
     /// Postgres database for the replication log. Defaults to the upstream database.
     #[arg(long, env = "ZERO_CHANGE_DB")]
     pub change_db: Option<String>,

@@ -344,7 +344,8 @@ async fn run_syncer(
     let weak = Rc::downgrade(&shard);
     let gauges = move || weak.upgrade().map(|s| crate::metrics::shard_gauges(&s));
     glommio::spawn_local(crate::metrics::publish_forever(id.to_string(), gauges)).detach();
-    match shards::flush::CvrPersistence::start(cvr_db, &shard_schema).await {
+    let loaders = shards::flush::loaders_per_shard(shard.cfg.cvr_max_conns, shard.count);
+    match shards::flush::CvrPersistence::start(cvr_db, &shard_schema, loaders).await {
         Ok(p) => {
             let _ = shard.cvrs.set(p.clone());
             glommio::spawn_local(p.flush_forever(shard.clone())).detach();

@@ -36,11 +36,19 @@ pub const FLUSH_DELAY_MS: u64 = 1_000;
 /// contents were sent; the stored record says so (`digestsAt`), and a client of such a
 /// group is sent its rows again when it reconnects.
 pub const CONTENTS_FLUSH_INTERVAL_MS: u64 = 30_000;
-/// Connections per shard that load records: connecting clients' loads go side by side, not
-/// one after another (at 100 connections a second per shard, load p50 went from 44 to
-/// 16 ms; the tail is the database's, busy with the writes). Each is a backend in the CVR
+/// Connections per shard that load records, at most (fewer when `--cvr-max-conns` divided
+/// amongst the shards leaves fewer): connecting clients' loads go side by side, not one
+/// after another (at 100 connections a second per shard, load p50 went from 44 to 16 ms;
+/// the tail is the database's, busy with the writes). Each is a backend in the CVR
 /// database, opened at its first load.
-pub const LOAD_CONNECTIONS_PER_SHARD: usize = 4;
+pub const LOAD_CONNECTIONS_PER_SHARD_MAX: usize = 4;
+/// The loaders of each of `shards` shards given `max_conns` CVR connections in all:
+/// divided evenly as zero-cache does, one per shard for writes, at least one for loads.
+pub fn loaders_per_shard(max_conns: usize, shards: usize) -> usize {
+    let per_shard = (max_conns / shards.max(1)).max(2);
+    (per_shard - 1).min(LOAD_CONNECTIONS_PER_SHARD_MAX)
+}
+
 /// Backoff after a failed write, doubling up to the max.
 const FLUSH_RETRY_MS_MIN: u64 = 100;
 const FLUSH_RETRY_MS_MAX: u64 = 5_000;
@@ -72,7 +80,15 @@ pub struct CvrPersistence {
 
 impl CvrPersistence {
     /// Connects to the CVR database and creates zcache's tables there when missing.
-    pub async fn start(cfg: ConnConfig, shard_schema: &str) -> Result<Rc<Self>, StoreError> {
+    pub async fn start(
+        cfg: ConnConfig,
+        shard_schema: &str,
+        loaders: usize,
+    ) -> Result<Rc<Self>, StoreError> {
+        assert!(
+            (1..=LOAD_CONNECTIONS_PER_SHARD_MAX).contains(&loaders),
+            "a shard loads on 1 to {LOAD_CONNECTIONS_PER_SHARD_MAX} connections"
+        );
         let mut store = CvrStore::new(cfg.clone(), shard_schema);
         store.migrate().await?;
         // Capacity 1: a wake-up already queued covers every mark made before it is taken.
@@ -81,9 +97,7 @@ impl CvrPersistence {
             cfg,
             shard_schema: shard_schema.to_string(),
             writer: Link::new(Some(store)),
-            loaders: (0..LOAD_CONNECTIONS_PER_SHARD)
-                .map(|_| Link::new(None))
-                .collect(),
+            loaders: (0..loaders).map(|_| Link::new(None)).collect(),
             next_loader: std::cell::Cell::new(0),
             dirty: RefCell::new(BTreeSet::new()),
             deferred: RefCell::new(Deferred::default()),
@@ -331,4 +345,21 @@ impl Deferred {
 
 fn internal(message: &str) -> ProtocolError {
     ProtocolError::new(ErrorKind::Internal, message.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cvr_connections_are_divided_amongst_shards_with_a_writer_and_a_loader_each() {
+        assert_eq!(loaders_per_shard(30, 2), LOAD_CONNECTIONS_PER_SHARD_MAX);
+        assert_eq!(loaders_per_shard(30, 10), 2, "3 each: a writer, 2 loaders");
+        assert_eq!(
+            loaders_per_shard(30, 64),
+            1,
+            "never fewer than a writer and a loader"
+        );
+        assert_eq!(loaders_per_shard(0, 0), 1);
+    }
 }
