@@ -7,6 +7,7 @@
 
 pub mod appserver;
 pub mod auth;
+pub mod changestream;
 pub mod config;
 pub mod cvr;
 pub mod embedded;

@@ -96,12 +96,7 @@ impl UpgradeRequest {
     /// The first query parameter `name`, decoded as application/x-www-form-urlencoded
     /// ('+' is a space, then percent-decoding; invalid UTF-8 is replaced).
     pub fn query_param(&self, name: &str) -> Option<String> {
-        self.query
-            .split('&')
-            .filter(|pair| !pair.is_empty())
-            .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
-            .find(|(k, _)| form_decode(k) == name)
-            .map(|(_, v)| form_decode(v))
+        query_param(&self.query, name)
     }
 
     /// The raw `Sec-WebSocket-Protocol` value as offered.
@@ -115,6 +110,18 @@ impl UpgradeRequest {
         let first = self.protocol()?.split(',').next()?.trim();
         (!first.is_empty()).then_some(first)
     }
+}
+
+/// The first parameter `name` of a query string (after the `?`), decoded as
+/// application/x-www-form-urlencoded ('+' is a space, then percent-decoding; invalid UTF-8
+/// is replaced).
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+        .find(|(k, _)| form_decode(k) == name)
+        .map(|(_, v)| form_decode(v))
 }
 
 fn form_decode(s: &str) -> String {
