@@ -2,19 +2,13 @@
 //! whatever the row keys and query hashes hold (they come from clients and upstream rows),
 //! and a second flush of the same rows updates them in place.
 
-use glommio::LocalExecutorBuilder;
 use zcache::cvr::store::{CvrStore, FlushBatch, Loaded};
 use zcache::cvr::StoredRow;
 use zcache::embedded::pgcluster::{PgCluster, PgClusterOptions};
 use zcache::pgrepl::ConnConfig;
 
-fn run<T>(f: impl std::future::Future<Output = T>) -> T {
-    LocalExecutorBuilder::default()
-        .io_memory(1 << 20)
-        .make()
-        .expect("executor")
-        .run(f)
-}
+mod support;
+use support::run;
 
 /// Strings that break naive quoting in SQL, in array literals or in JSON.
 const AWKWARD: &[&str] = &[

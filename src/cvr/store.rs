@@ -18,7 +18,7 @@
 //! (`shards::flush`), off the path that pokes clients.
 
 use super::StoredRow;
-use crate::pgrepl::{ConnConfig, PgConn, PgError, PgStream};
+use crate::pgrepl::{ConnConfig, PgError, Session};
 use std::fmt::Write as _;
 
 /// Row records per INSERT statement: statements stay well under Postgres's message limits.
@@ -60,18 +60,16 @@ pub struct Loaded {
 }
 
 pub struct CvrStore {
-    cfg: ConnConfig,
+    session: Session,
     schema: String,
-    conn: Option<PgConn<PgStream>>,
 }
 
 impl CvrStore {
     /// `schema` is the shard schema (`{app}_{shard}`); the store's own is `"{schema}/zcvr"`.
     pub fn new(cfg: ConnConfig, shard_schema: &str) -> Self {
         CvrStore {
-            cfg,
+            session: Session::new(cfg),
             schema: quote_ident(&format!("{shard_schema}/zcvr")),
-            conn: None,
         }
     }
 
@@ -154,23 +152,7 @@ impl CvrStore {
     /// connection is taken out for the call and put back only when it is known to be sound:
     /// after success or a server error, not after an I/O failure or a cancelled call.
     async fn run(&mut self, sql: &str) -> Result<Vec<crate::pgrepl::QueryResult>, StoreError> {
-        let mut conn = match self.conn.take() {
-            Some(conn) => conn,
-            None => {
-                let mut conn = crate::pgrepl::connect(&self.cfg, false).await?;
-                // Literals below double their quotes and nothing else.
-                conn.execute("SET standard_conforming_strings = on").await?;
-                conn
-            }
-        };
-        let result = conn.simple_query(sql).await;
-        if result
-            .as_ref()
-            .map_or_else(|e| e.code().is_some(), |_| true)
-        {
-            self.conn = Some(conn);
-        }
-        Ok(result?)
+        Ok(self.session.simple_query(sql).await?)
     }
 }
 

@@ -9,6 +9,7 @@ pub mod error;
 pub mod lsn;
 pub mod pgoutput;
 pub mod replication;
+pub mod session;
 pub mod tls;
 pub mod url;
 
@@ -16,5 +17,6 @@ pub use conn::{connect, BackendKey, PgConn, QueryResult, MESSAGE_BYTES_MAX_DEFAU
 pub use error::PgError;
 pub use lsn::{Lsn, ParseLsnError};
 pub use replication::{pg_now_us, ReplEvent, ReplicationStream, SlotCreated};
+pub use session::Session;
 pub use tls::PgStream;
 pub use url::{ConnConfig, RootCerts, SslMode};
