@@ -690,16 +690,22 @@ impl Cvr {
         if configured {
             return None;
         }
-        let patch = self
-            .patched_rows(Some(base))
+        Some(self.row_patches(Some(base)))
+    }
+
+    /// The row entries of a poke from `base` (None: a client with nothing, which gets no
+    /// dels).
+    fn row_patches(&self, base: Option<Version>) -> Vec<RowPatch<'_>> {
+        self.patched_rows(base)
             .into_iter()
             .filter_map(|(key, rec)| match &rec.contents {
                 Some(data) => Some(RowPatch::Put(data)),
+                // A live row loaded from the store whose query has not been hydrated again:
+                // nothing to send until it is.
                 None if rec.refs > 0 => None,
-                None => Some(RowPatch::Del(key)),
+                None => base.is_some().then_some(RowPatch::Del(key)),
             })
-            .collect();
-        Some(patch)
+            .collect()
     }
 
     /// Drops a query: its rows lose a reference, and it is no longer got.
@@ -800,14 +806,10 @@ impl Cvr {
                 _ => {}
             }
         }
-        for (row_key, rec) in self.patched_rows(base) {
-            match &rec.contents {
-                Some(data) => poke.put_row_json(data.put_json()),
-                // A live row loaded from the store whose query has not been hydrated again:
-                // nothing to send until it is.
-                None if rec.refs > 0 => {}
-                None if base.is_some() => poke.del_row(row_key.table(), row_key.key()),
-                None => {}
+        for patch in self.row_patches(base) {
+            match patch {
+                RowPatch::Put(data) => poke.put_row_json(data.put_json()),
+                RowPatch::Del(key) => poke.del_row(key.table(), key.key()),
             }
         }
     }

@@ -187,19 +187,14 @@ impl Cvr {
     fn config_fingerprint(&self) -> u64 {
         use std::hash::{BuildHasher, Hash, Hasher};
         let state = foldhash::fast::FixedState::with_seed(CONFIG_FINGERPRINT_SEED);
-        let one = |entry: &dyn Fn(&mut foldhash::fast::FoldHasher)| {
-            let mut h = state.build_hasher();
-            entry(&mut h);
-            h.finish()
-        };
         // The hash maps iterate in no fixed order: their entries' hashes are summed.
         let queries = self.queries.iter().fold(0u64, |sum, (hash, q)| {
-            sum.wrapping_add(one(&|h| (hash, q.got).hash(h)))
+            sum.wrapping_add(state.hash_one((hash, q.got)))
         });
         let removed = self
             .removed_queries
             .iter()
-            .fold(0u64, |sum, entry| sum.wrapping_add(one(&|h| entry.hash(h))));
+            .fold(0u64, |sum, entry| sum.wrapping_add(state.hash_one(entry)));
         let mut h = state.build_hasher();
         for id in self.clients.keys() {
             id.hash(&mut h);

@@ -240,7 +240,8 @@ fn write_batches(schema: &str, batches: &[FlushBatch], sql: &mut String) -> Resu
                 None => sql.push_str("NULL"),
             }
         }
-        sql.push_str(if chunk.is_empty() { "{}'" } else { "}'" });
+        debug_assert!(!chunk.is_empty(), "chunks are never empty");
+        sql.push_str("}'");
         sql.push_str(
             "::bigint[]) AS u(g, t, k, p, q, d)
              ON CONFLICT (\"clientGroupID\", \"table\", \"rowKey\") DO UPDATE SET

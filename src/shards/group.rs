@@ -788,7 +788,7 @@ impl Group {
     /// `advance` for a caller that holds the lock.
     fn advance_locked(&self, shard: &Shard) -> GroupResult<()> {
         let pending = std::mem::replace(&mut *self.pending.borrow_mut(), Pending::tables_only());
-        let owed = self.poke_owed_at.get().is_some();
+        let owed = self.owes_poke();
         if pending.is_empty() && !owed {
             return Ok(());
         }
